@@ -68,7 +68,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DraftOPDError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON object per line") from None
+                raise DraftOPDError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON object per line") from None
 
 
 def _user(text: str) -> list[dict]:
@@ -213,7 +214,8 @@ def _hf_dataset(ref: str) -> Iterator[tuple[list[dict], dict]]:
 def _parse_slice(text: str, entry: str) -> slice:
     parts = text.split(":")
     if not 2 <= len(parts) <= 3 or not all(_SLICE_PART.match(p) for p in parts):
-        raise DraftOPDError(f"bad slice [{text}] in {entry!r}; expected [start:stop] or [start:stop:step] with integers")
+        raise DraftOPDError(
+            f"bad slice [{text}] in {entry!r}; expected [start:stop] or [start:stop:step] with integers")
     start, stop, step = (int(p) if p.strip() else None for p in parts + [""] * (3 - len(parts)))
     if step == 0:
         raise DraftOPDError(f"bad slice [{text}] in {entry!r}: step cannot be zero")
@@ -261,6 +263,8 @@ def load_prompts(spec: str, *, tokenizer=None, max_prompt_tokens: int | None = N
                  dedup: bool = True) -> list[Prompt]:
     """Prompts of every source in `spec`, in spec order then source order.
 
+    `spec` is comma-separated ``NAME[start:stop[:step]]`` entries: an embedded set, a JSONL path
+    (lines of ``{"prompt": ...}`` or ``{"messages": [...]}``), or ``hf:owner/name[:config][:split]``.
     Duplicates (same messages up to whitespace and case) keep their first occurrence, across
     sources too. With `max_prompt_tokens`, prompts whose chat-templated length exceeds it are
     dropped, which needs `tokenizer`. Raises DraftOPDError on any bad input and when nothing is left.

@@ -143,6 +143,7 @@ def spec_generate(
         else:
             r, nxt = rejection_accept(block[1:], sampling_probs(logits, temperature, top_p, top_k),
                                       draft_probs if size > 1 else logits[:0], generator)
+        out[start + 1 : start + r + 1] = block[1 : r + 1]
         out[start + r + 1] = nxt
         produced = min(r + 1, max_length - start - 1)
         if stops.numel():

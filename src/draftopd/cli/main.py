@@ -1,0 +1,151 @@
+"""`draftopd` command line. Each subcommand is a thin wrapper over a library function.
+
+Errors the user can fix (`DraftOPDError`) print as one line and exit with status 2.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+from draftopd.errors import DraftOPDError
+
+EMBEDDED_TARGET = "smollm2-135m"
+
+
+def _quiet_hf() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_init_draft(args) -> None:
+    from draftopd.model.checkpoint import init_drafter, save_drafter
+    from draftopd.model.target import load_target
+
+    target = load_target(args.target, dtype=args.dtype)
+    draft = init_drafter(target, num_layers=args.num_layers, block_size=args.block_size,
+                         target_layer_ids=args.target_layer_ids, mask_token_id=args.mask_token_id, seed=args.seed)
+    save_drafter(draft, args.out)
+    n = sum(p.numel() for p in draft.parameters())
+    tok = target.tokenizer.convert_ids_to_tokens(draft.mask_token_id) if draft.mask_token_id < len(target.tokenizer) else "<spare row>"
+    print(f"drafter: {args.out}  layers={args.num_layers} block_size={args.block_size} params={n / 1e6:.1f}M "
+          f"target_layer_ids={draft.target_layer_ids} mask_token_id={draft.mask_token_id} ({tok})")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from draftopd.data.prompts import apply_chat_template
+    from draftopd.decoding.speculative import spec_generate
+    from draftopd.model.checkpoint import load_drafter
+    from draftopd.model.target import load_target, stop_token_ids
+
+    draft = load_drafter(args.draft)  # first: a bad path fails before the target loads
+    target = load_target(args.target, dtype=args.dtype)
+    draft.to(target.dtype)
+    tok = target.tokenizer
+    ids = torch.tensor([apply_chat_template(tok, [{"role": "user", "content": args.prompt}], thinking=args.thinking)])
+    gen = torch.Generator().manual_seed(args.seed)
+    res = spec_generate(draft, target, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, stop_token_ids=stop_token_ids(tok, target.model),
+                        block_size=args.block_size, generator=gen)
+    new = res.output_ids[0, res.num_input_tokens:].tolist()
+    text = tok.decode(new, skip_special_tokens=True)
+    tps = 1 / res.time_per_output_token if res.time_per_output_token else 0.0
+    if args.json:
+        print(json.dumps({"output_ids": res.output_ids[0].tolist(), "generated_ids": new, "text": text,
+                          "acceptance_lengths": res.acceptance_lengths, "tau": res.tau,
+                          "num_output_tokens": res.num_output_tokens, "time_to_first_token": res.time_to_first_token,
+                          "time_per_output_token": res.time_per_output_token}))
+        return
+    print(text)
+    print(f"\n[tau={res.tau:.2f} over {len(res.acceptance_lengths)} verify steps | {res.num_output_tokens} tokens "
+          f"| {tps:.1f} tok/s | ttft {res.time_to_first_token * 1000:.0f} ms]", file=sys.stderr)
+
+
+def cmd_export(args) -> None:
+    from draftopd.model.checkpoint import load_drafter, save_drafter
+    from draftopd.model.target import parse_dtype
+
+    draft = load_drafter(args.draft)
+    save_drafter(draft, args.out, dtype=parse_dtype(args.dtype) if args.dtype else None)
+    print(f"exported {args.draft} -> {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="draftopd",
+        description="Train DFlash block drafters for lossless speculative decoding (SFT and Draft-OPD). "
+                    f"Targets: an HF model id, a local folder, or the embedded '{EMBEDDED_TARGET}'.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init-draft", help="create a randomly initialised drafter sized for a target")
+    s.add_argument("--target", default=EMBEDDED_TARGET, help="HF id, local path or embedded alias (default: %(default)s)")
+    s.add_argument("--num-layers", type=int, default=1, help="drafter decoder layers (published: 5; default %(default)s)")
+    s.add_argument("--block-size", type=int, default=16, help="block size B: anchor + B-1 drafts (default %(default)s)")
+    s.add_argument("--target-layer-ids", type=_int_list, default=None,
+                   help="target layers whose outputs condition the drafter, e.g. 1,9,17 (default: spread over 1..L-3)")
+    s.add_argument("--mask-token-id", type=int, default=None,
+                   help="id whose embedding marks masked slots (default: a spare row, else an unused special token)")
+    s.add_argument("--dtype", default="fp32", help="fp32 or bf16 (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output directory (reference DFlash format)")
+    s.set_defaults(func=cmd_init_draft)
+
+    s = sub.add_parser("generate", help="speculative decoding of one prompt; prints text, tau and tok/s")
+    s.add_argument("prompt")
+    s.add_argument("--target", default=EMBEDDED_TARGET)
+    s.add_argument("--draft", required=True, help="drafter directory")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--block-size", type=int, default=None, help="verify this many tokens per step (default: drafter's)")
+    s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="chat template thinking switch for targets that have one (Qwen3)")
+    s.add_argument("--dtype", default="fp32")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("export", help="write a clean reference-format copy of a drafter (for SGLang/vLLM/dflash)")
+    s.add_argument("--draft", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--dtype", default=None, help="cast weights, e.g. bf16 (default: keep)")
+    s.set_defaults(func=cmd_export)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_hf()
+    t0 = time.time()
+    try:
+        args.func(args)
+    except DraftOPDError as e:
+        print(f"draftopd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"draftopd {args.command}: interrupted after {time.time() - t0:.0f}s; rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""spec_generate is lossless: greedy equals target.generate token for token; sampling matches p."""
+
+import pytest
+import torch
+
+from conftest import tiny_drafter, tiny_target
+from draftopd.decoding.sampling import sampling_probs
+from draftopd.decoding.speculative import spec_generate
+from draftopd.errors import DraftOPDError
+from draftopd.model.drafter import DFlashDraftModel
+
+
+def greedy_reference(target, ids, n, eos=None):
+    out = target.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                          eos_token_id=eos, **({} if eos is not None else {"min_new_tokens": n}))
+    return out
+
+
+@pytest.mark.parametrize("block_size", [2, 4, 16])
+@pytest.mark.parametrize("max_new", [1, 7, 33])
+def test_greedy_equals_target_generate(tiny_pair, block_size, max_new):
+    target, draft = tiny_pair
+    for seed in range(3):
+        ids = torch.randint(1, 150, (1, 5 + seed * 4), generator=torch.Generator().manual_seed(seed))
+        res = spec_generate(draft, target, ids, max_new, block_size=block_size)
+        ref = greedy_reference(target, ids, max_new)
+        assert res.output_ids.tolist() == ref.tolist()
+        assert res.num_output_tokens == max_new
+        assert sum(res.acceptance_lengths) == max_new - 1  # first token comes from the prefill
+        assert all(1 <= a <= block_size for a in res.acceptance_lengths)
+
+
+class OracleDrafter(DFlashDraftModel):
+    """Proposes the target's own greedy continuation: every draft must be accepted."""
+
+    def forward(self, *args, block_positions, **kw):
+        self._positions = block_positions[0]
+        return super().forward(*args, block_positions=block_positions, **kw)
+
+    def compute_logits(self, hidden, head):
+        logits = torch.full((hidden.shape[0], self.config.vocab_size), -1e4)
+        logits[torch.arange(hidden.shape[0]), self.greedy[self._positions[1:]]] = 0.0
+        return logits
+
+
+def test_oracle_drafter_reaches_block_size_and_random_is_near_one():
+    target = tiny_target("qwen3")
+    draft = tiny_drafter(target, block_size=4)
+    ids = torch.randint(1, 150, (1, 6), generator=torch.Generator().manual_seed(3))
+    ref = greedy_reference(target, ids, 41)
+    oracle = OracleDrafter(draft.config)
+    oracle.load_state_dict(draft.state_dict())
+    oracle.greedy = torch.cat([ref[0], torch.zeros(8, dtype=torch.long)])
+    res = spec_generate(oracle.eval(), target, ids, 41)
+    assert res.output_ids.tolist() == ref.tolist()
+    assert res.acceptance_lengths == [4] * 10
+    rand = spec_generate(draft, target, ids, 41)
+    assert rand.tau < 1.2
+
+
+def test_stop_token_mid_block_and_length_cut(tiny_pair):
+    target, draft = tiny_pair
+    ids = torch.randint(1, 150, (1, 6), generator=torch.Generator().manual_seed(5))
+    full = greedy_reference(target, ids, 30)[0, 6:].tolist()
+    stop = full[9]  # lands inside a block (blocks commit 1..4 tokens)
+    first = full.index(stop)
+    res = spec_generate(draft, target, ids, 30, stop_token_ids=[stop], block_size=4)
+    assert res.output_ids[0, 6:].tolist() == full[: first + 1]
+    ref = greedy_reference(target, ids, 30, eos=stop)
+    assert res.output_ids.tolist() == ref.tolist()
+
+
+def test_generated_mask_token_is_kept():
+    target = tiny_target("llama")
+    ids = torch.randint(1, 150, (1, 6), generator=torch.Generator().manual_seed(7))
+    ref = greedy_reference(target, ids, 20)
+    mask_id = int(ref[0, 10])  # a token the target does generate
+    draft = tiny_drafter(target, block_size=4, mask_token_id=mask_id)
+    res = spec_generate(draft, target, ids, 20)
+    assert res.output_ids.tolist() == ref.tolist()
+    assert (res.output_ids[0, 6:] == mask_id).any()
+
+
+def test_sampling_first_tokens_follow_target_distribution():
+    """Empirical joint distribution of the first two sampled tokens vs the exact target one.
+
+    Only a correct acceptance rule gives p: accepting every draft would give the drafter's q.
+    """
+    torch.manual_seed(0)
+    target = tiny_target("qwen3", seed=2)
+    draft = tiny_drafter(target, block_size=4, seed=4)
+    ids = torch.tensor([[3, 17, 42]])
+    T, top_k = 1.0, 3
+    with torch.no_grad():
+        p1 = sampling_probs(target(ids).logits[0, -1], T, top_k=top_k)
+        firsts = p1.nonzero()[:, 0].tolist()
+        exact = {}
+        for a in firsts:
+            p2 = sampling_probs(target(torch.cat([ids, torch.tensor([[a]])], 1)).logits[0, -1], T, top_k=top_k)
+            for b in p2.nonzero()[:, 0].tolist():
+                exact[(a, b)] = float(p1[a] * p2[b])
+    g = torch.Generator().manual_seed(0)
+    n, counts, taus = 1500, {}, []
+    for _ in range(n):  # token 2 comes from the verify step: accepted draft or residual sample
+        res = spec_generate(draft, target, ids, 2, temperature=T, top_k=top_k, generator=g)
+        key = tuple(res.output_ids[0, 3:5].tolist())
+        counts[key] = counts.get(key, 0) + 1
+        taus.append(res.tau)
+    tv = 0.5 * sum(abs(counts.get(k, 0) / n - exact.get(k, 0)) for k in set(exact) | set(counts))
+    assert set(counts) <= set(exact)
+    assert tv < 0.06, tv  # sampling noise at n=1500 over <= 9 cells is ~0.03
+
+
+def test_bad_input_errors(tiny_pair):
+    target, draft = tiny_pair
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(DraftOPDError, match="max_new_tokens must be positive"):
+        spec_generate(draft, target, ids, 0)
+    other = tiny_target("qwen3")
+    bad_vocab = tiny_drafter(other)
+    bad_vocab.config.vocab_size = 999
+    with pytest.raises(DraftOPDError, match="vocab_size 999"):
+        spec_generate(bad_vocab, target, ids, 4)
+    bad_layers = tiny_drafter(other)
+    bad_layers.target_layer_ids = [1, 7]
+    with pytest.raises(DraftOPDError, match=r"target_layer_ids \[1, 7\] out of range"):
+        spec_generate(bad_layers, target, ids, 4)
+    bad_hidden = tiny_drafter(other)
+    bad_hidden.config.hidden_size = 32
+    with pytest.raises(DraftOPDError, match="hidden_size 32"):
+        spec_generate(bad_hidden, target, ids, 4)
