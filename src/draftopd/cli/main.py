@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_EXTRA_COMMANDS: list = []
+from draftopd.cli import train as _train  # noqa: E402
+
+_EXTRA_COMMANDS: list = [_train.register]
 
 
 def main(argv=None) -> int:

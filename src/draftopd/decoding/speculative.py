@@ -104,9 +104,9 @@ def spec_generate(
 
     n_in = input_ids.shape[1]
     max_length = n_in + max_new_tokens
-    out = torch.empty(max_length + 1, dtype=torch.long, device=device)
+    out = torch.empty(max_length + B, dtype=torch.long, device=device)
     out[:n_in] = input_ids[0]
-    positions = torch.arange(max_length + 1, device=device)
+    positions = torch.arange(max_length + B, device=device)
     target_cache = DynamicCache(config=target.config)
     kw = _cache_kwarg(target)
     draft_cache = draft.new_cache() if B > 1 else None
@@ -123,18 +123,19 @@ def spec_generate(
     stopped = stops.numel() > 0 and bool(torch.isin(out[start], stops))
     while start + 1 < max_length and not stopped:
         size = min(B, max_length - start)  # block tokens to verify
-        block = out[start : start + size].clone()
+        block = out[start : start + B].clone()
         draft_probs = None
-        if size > 1:
+        if B > 1:  # always draft a full block (as training and serving engines do); verify `size`
             block[1:] = draft.mask_token_id
             n_ctx = pending.shape[1]
             hidden = draft(
                 embed(block[None]), pending,
-                block_positions=positions[None, start : start + size],
+                block_positions=positions[None, start : start + B],
                 context_positions=positions[None, start - n_ctx : start],
                 cache=draft_cache,
             )
-            block[1:], draft_probs = choose(draft.compute_logits(hidden[0, 1:], head))
+            block[1:size], draft_probs = choose(draft.compute_logits(hidden[0, 1:size], head))
+            block = block[:size]
         o = target(input_ids=block[None], position_ids=positions[None, start : start + size],
                    **{kw: target_cache}, use_cache=True, output_hidden_states=size > 1)
         logits = o.logits[0]  # [size, V]: the target's next-token logits after each block token

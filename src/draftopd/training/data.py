@@ -1,0 +1,87 @@
+"""Training sequences from rollouts, in a deterministic order that resume can replay.
+
+The order of epoch e is a permutation seeded by (seed, e), and micro-batch i of a run is
+a pure function of (seed, i): a resumed run sees exactly the batches it would have seen.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from draftopd.data.rollouts import Rollout
+from draftopd.errors import DraftOPDError
+
+
+@dataclass
+class Sequence:
+    index: int  # position in the dataset (keys the feature cache)
+    ids: torch.Tensor  # [L] prompt + response
+    prompt_len: int
+
+
+@dataclass
+class Batch:
+    indices: list[int]
+    input_ids: torch.Tensor  # [b, n] right-padded with 0
+    lengths: torch.Tensor  # [b]
+    prompt_lens: torch.Tensor  # [b]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def build_sequences(rollouts: list[Rollout], max_length: int) -> list[Sequence]:
+    seqs = []
+    for r in rollouts:
+        ids = (list(r.prompt_ids) + list(r.response_ids))[:max_length]
+        if len(ids) - len(r.prompt_ids) < 2:  # need an anchor and one label inside the response
+            continue
+        seqs.append(Sequence(len(seqs), torch.tensor(ids, dtype=torch.long), len(r.prompt_ids)))
+    if not seqs:
+        raise DraftOPDError(f"no usable rollouts: every response is empty or shorter than 2 tokens "
+                            f"(or prompts exceed data.max_length={max_length})")
+    return seqs
+
+
+def split_heldout(seqs: list[Sequence], fraction: float, seed: int) -> tuple[list[Sequence], list[Sequence]]:
+    """A fixed held-out share for offline tau; the rest trains."""
+    if fraction <= 0:
+        return seqs, []
+    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    k = max(1, int(len(seqs) * fraction))
+    held = sorted(order[:k])
+    train = [s for i, s in enumerate(seqs) if i not in set(held)]
+    return train, [seqs[i] for i in held]
+
+
+def collate(seqs: list[Sequence]) -> Batch:
+    n = max(len(s.ids) for s in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s.ids)] = s.ids
+    return Batch([s.index for s in seqs], ids, torch.tensor([len(s.ids) for s in seqs]),
+                 torch.tensor([s.prompt_len for s in seqs]))
+
+
+class BatchPlan:
+    """Micro-batch i -> sequences, for any i, with sharding over `world` processes."""
+
+    def __init__(self, seqs: list[Sequence], batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.seqs, self.batch_size, self.seed, self.rank, self.world = seqs, batch_size, seed, rank, world
+        self.global_batch = batch_size * world
+        self.per_epoch = max(1, len(seqs) // self.global_batch)  # drop the ragged tail: equal work per rank
+        self._order: dict[int, list[int]] = {}
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch not in self._order:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = {epoch: torch.randperm(len(self.seqs), generator=g).tolist()}
+        return self._order[epoch]
+
+    def micro_batch(self, i: int) -> Batch:
+        epoch, j = divmod(i, self.per_epoch)
+        order = self.order(epoch)
+        start = j * self.global_batch + self.rank * self.batch_size
+        picked = [order[k % len(order)] for k in range(start, start + self.batch_size)]
+        return collate([self.seqs[k] for k in picked])

@@ -1,0 +1,66 @@
+"""The on-policy anchor walk: where greedy verification of a fixed text puts the anchors.
+
+Under greedy lossless decoding the committed text is the target's greedy text whatever the
+drafter is, and the acceptance at anchor a depends only on that text. So we draft at every
+candidate anchor of a cached rollout (no grad, batched), compare with the text, and follow
+a_{m+1} = a_m + r_m + 1: the anchors and acceptance lengths a live decode would record.
+
+The LM head dominates cost, so drafts are scored progressively: offset k is scored only
+for anchors whose offsets < k all matched (about tau rows per anchor instead of B-1).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from draftopd.training.anchors import onpolicy_walk
+from draftopd.training.blocks import block_labels, replay
+
+
+@dataclass
+class Walk:
+    anchors: list[int]  # positions a_m
+    accepted: list[int]  # r_m (drafts accepted)
+    lengths: list[int]  # tokens committed per step: min(r_m + 1, L-1-a_m)
+
+    @property
+    def tau(self) -> float:
+        return sum(self.lengths) / max(len(self.lengths), 1)
+
+
+@torch.no_grad()
+def progressive_accept(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """hidden [m, B-1, H], labels [m, B-1] -> accepted prefix r [m], scoring only live rows."""
+    m, K = labels.shape
+    r = torch.zeros(m, dtype=torch.long, device=labels.device)
+    alive = torch.arange(m, device=labels.device)
+    for k in range(K):
+        if alive.numel() == 0:
+            break
+        pred = (hidden[alive, k] @ head_weight.T).argmax(-1)
+        ok = (pred == labels[alive, k]) & (labels[alive, k] >= 0)
+        r[alive[ok]] += 1
+        alive = alive[ok]
+    return r
+
+
+@torch.no_grad()
+def candidate_acceptance(draft, target, features: torch.Tensor, ids: torch.Tensor, prompt_len: int,
+                         length: int, chunk: int = 256) -> torch.Tensor:
+    """r at every candidate anchor a in [P, L-2] of one sequence (features [1, n, F], ids [1, n])."""
+    embed, head = target.get_input_embeddings(), target.get_output_embeddings().weight
+    B = draft.block_size
+    cands = torch.arange(prompt_len, length - 1, device=ids.device)
+    out = []
+    for s in range(0, cands.numel(), chunk):
+        a = cands[s : s + chunk][None]  # [1, m]
+        hidden = replay(draft, embed, features, ids, a)[0, :, 1:]  # [m, B-1, H]
+        labels = block_labels(ids, a, B, torch.tensor([length], device=ids.device))[0, :, 1:]
+        out.append(progressive_accept(hidden.to(head.dtype), head, labels))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def walk_sequence(draft, target, features, ids, prompt_len: int, length: int) -> Walk:
+    r = candidate_acceptance(draft, target, features, ids, prompt_len, length).tolist()
+    anchors, lengths = onpolicy_walk(r, prompt_len, length - 1)
+    return Walk(anchors, [r[a - prompt_len] for a in anchors], lengths)

@@ -1,0 +1,230 @@
+"""The training loop shared by SFT and Draft-OPD: thin, with the math in sft.py / opd.py.
+
+Resume is exact: batches and anchors are pure functions of (seed, micro-batch index), and
+the optimizer/scheduler state comes from the last atomic checkpoint.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from draftopd.data.rollouts import load_rollouts
+from draftopd.errors import DraftOPDError
+from draftopd.evaluation.offline import offline_tau
+from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_drafter, save_drafter
+from draftopd.model.target import load_target, target_identity
+from draftopd.training import parallel
+from draftopd.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from draftopd.training.config import TrainConfig
+from draftopd.training.data import BatchPlan, build_sequences, split_heldout
+from draftopd.training.losses import implied_tau, is_finite
+from draftopd.training.metrics import MetricsLog
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    final_drafter: Path
+    steps: int
+    skipped_steps: int
+    heldout: dict | None
+
+
+def lr_lambda(total: int, warmup_ratio: float, min_ratio: float):
+    warmup = int(total * warmup_ratio)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def micro_seed(seed: int, i: int) -> int:
+    return (seed * 1_000_003 + i * 7_919) % (2**62)
+
+
+class Accumulator:
+    """Sums per-offset counts and losses between log lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums, self.n, self.correct, self.total = {}, 0, None, None
+        self.prefix_sum = self.blocks = self.tokens = self.anchors = 0
+        self.t0 = time.time()
+
+    def add(self, loss: float, stats: dict, tokens: int):
+        self.n += 1
+        self.sums["loss"] = self.sums.get("loss", 0.0) + loss
+        for k, v in stats.get("scalars", {}).items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        if "correct" in stats:
+            self.correct = stats["correct"] if self.correct is None else self.correct + stats["correct"]
+            self.total = stats["total"] if self.total is None else self.total + stats["total"]
+            self.prefix_sum += stats["prefix_sum"]
+            self.blocks += stats["blocks"]
+        self.tokens += tokens
+        self.anchors += stats.get("blocks", 0)
+
+    def summary(self) -> dict:
+        dt = max(time.time() - self.t0, 1e-9)
+        rec = {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        if self.correct is not None:
+            acc = (self.correct.float() / self.total.clamp(min=1).float()).tolist()
+            rec["acc_per_offset"] = [round(a, 4) for a in acc]
+            rec["tau_implied"] = implied_tau(acc)
+            rec["tau_prefix"] = 1 + self.prefix_sum / max(self.blocks, 1)
+        rec["tokens_per_s"] = self.tokens / dt
+        rec["anchors_per_s"] = self.anchors / dt
+        return rec
+
+
+def build_step(cfg: TrainConfig, draft, target, held: list):
+    """The per-micro-batch loss for the configured method: (batch, generator) -> (loss, stats)."""
+    if cfg.method == "sft":
+        from draftopd.training.sft import sft_loss
+        from draftopd.training.target_pass import FeatureCache, target_states
+
+        cache = FeatureCache() if cfg.sft.cache_features else None
+        dtype = next(draft.parameters()).dtype
+
+        def step(batch, gen):
+            if cache is not None:
+                feats = cache.features(target, batch, draft.target_layer_ids, dtype)
+            else:
+                dev = next(target.parameters()).device
+                feats = target_states(target, batch.input_ids.to(dev), batch.lengths.to(dev),
+                                      draft.target_layer_ids).features
+            return sft_loss(draft, target, batch, feats, num_anchors=cfg.sft.num_anchors, gamma=cfg.sft.gamma,
+                            generator=gen)
+
+        return step
+    from draftopd.training.opd import OPDStep
+
+    return OPDStep(cfg, draft, target)
+
+
+def _prepare_drafter(cfg: TrainConfig, target, resume_from: Path | None):
+    if resume_from is not None:
+        draft, state = load_checkpoint(resume_from, device=cfg.device)
+    elif cfg.draft.init:
+        draft, state = load_drafter(cfg.draft.init, device=cfg.device), None
+    else:
+        draft = init_drafter(target, num_layers=cfg.draft.num_layers, block_size=cfg.draft.block_size,
+                             target_layer_ids=cfg.draft.target_layer_ids, mask_token_id=cfg.draft.mask_token_id,
+                             seed=cfg.seed)
+        state = None
+    if draft.block_size != cfg.draft.block_size:
+        raise DraftOPDError(f"block size mismatch: drafter {cfg.draft.init or resume_from} has block_size "
+                            f"{draft.block_size}, config draft.block_size is {cfg.draft.block_size}")
+    draft.check_target(target.model)
+    recorded = drafter_target_name(draft)
+    if recorded and recorded != target.name:
+        raise DraftOPDError(f"drafter was built for target {recorded!r}, not {target.name!r}")
+    return draft.float().train(), state
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+    ctx = parallel.init()
+    out = Path(cfg.out_dir)
+    ckpt = latest_checkpoint(out)
+    if resume and ckpt is None:
+        raise DraftOPDError(f"nothing to resume: {out}/checkpoints has no checkpoint")
+    if not resume and ckpt is not None:
+        raise DraftOPDError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    target = load_target(cfg.target, dtype=cfg.target_dtype, device=cfg.device)
+    _, rollouts = load_rollouts(cfg.data.rollouts, expect_target=target_identity(target.model, target.name))
+    seqs = build_sequences(rollouts, cfg.data.max_length)
+    train_seqs, held = split_heldout(seqs, cfg.data.eval_fraction, cfg.seed)
+    draft, state = _prepare_drafter(cfg, target, ckpt if resume else None)
+    if cfg.gradient_checkpointing:
+        draft.gradient_checkpointing_enable()
+    model = parallel.wrap(draft, ctx)
+
+    plan = BatchPlan(train_seqs, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.per_epoch / cfg.grad_accum))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                            betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio))
+    start, skipped = 0, 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, skipped = state["step"], state.get("skipped_steps", 0)
+    if ctx.is_main:
+        write_json_atomic(out / "config.json", cfg.model_dump())
+    log = MetricsLog(out, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, project=cfg.log.wandb_project,
+                     config=cfg.model_dump(), resume_step=start, enabled=ctx.is_main)
+    step_fn = build_step(cfg, draft, target.model, held)
+    acc = Accumulator()
+    t_start = time.time()
+    bar = tqdm(total=total, initial=start, desc=f"{cfg.method} train", disable=not (cfg.log.progress and ctx.is_main),
+               dynamic_ncols=True)
+    autocast = torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    step = start
+    try:
+        while step < total:
+            for micro in range(cfg.grad_accum):
+                i = step * cfg.grad_accum + micro
+                batch = plan.micro_batch(i)
+                gen = torch.Generator().manual_seed(micro_seed(cfg.seed, i * ctx.world + ctx.rank))
+                with autocast, parallel.no_sync(model, ctx, last=micro == cfg.grad_accum - 1):
+                    loss, stats = step_fn(batch, gen)
+                    (loss / cfg.grad_accum).backward()
+                if is_finite(loss.detach()):
+                    acc.add(float(loss.detach()), stats, batch.num_tokens * ctx.world)
+            grads_ok = parallel.all_finite(model, ctx)
+            if grads_ok:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                opt.step()
+            else:
+                skipped += 1
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.log.every == 0 or step == total:
+                rec = acc.summary()
+                rec.update(lr=sched.get_last_lr()[0], skipped_steps=skipped)
+                log.log(step, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tau=f"{rec.get('tau_prefix', rec.get('tau_walk', 0)):.2f}")
+                acc.reset()
+            if cfg.log.eval_every and step % cfg.log.eval_every == 0 and held and ctx.is_main:
+                log.log(step, {"heldout_tau": offline_tau(_unwrap(model).eval(), target.model, held)["tau"]})
+                _unwrap(model).train()
+            timed_out = cfg.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.max_minutes
+            if step % cfg.log.save_every == 0 or step == total or timed_out:
+                parallel.save(lambda: save_checkpoint(out, step, _unwrap(model), opt, sched,
+                                                      {"skipped_steps": skipped}, cfg.log.keep_last), ctx)
+            if timed_out:
+                break
+    finally:
+        bar.close()
+    heldout = None
+    final = out / "final"
+    if ctx.is_main:
+        draft = _unwrap(model).eval()
+        save_drafter(draft, final)
+        if held:
+            heldout = offline_tau(draft, target.model, held)
+            log.log(step, {"heldout_tau": heldout["tau"]})
+        write_json_atomic(out / "summary.json", {"steps": step, "skipped_steps": skipped, "heldout": heldout,
+                                                  "final_drafter": str(final), "wall_s": time.time() - t_start})
+    log.close()
+    parallel.barrier(ctx)
+    return TrainResult(out, final, step, skipped, heldout)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
