@@ -32,5 +32,6 @@ def offset_stats(preds: torch.Tensor, labels: torch.Tensor) -> dict:
     total = has.sum(dim=(0, 1))
     blocks = has[..., 0]
     prefix = accepted_prefix(preds, labels)[blocks]
-    return {"correct": correct.cpu(), "total": total.cpu(), "prefix_sum": int(prefix.sum()),
+    return {"vectors": {"acc_per_offset": (correct.cpu(), total.cpu())},
+            "scalars": {"tau_prefix": 1 + float(prefix.float().mean()) if prefix.numel() else 1.0},
             "blocks": int(blocks.sum())}

@@ -51,37 +51,33 @@ def micro_seed(seed: int, i: int) -> int:
 
 
 class Accumulator:
-    """Sums per-offset counts and losses between log lines."""
+    """Averages scalars and sums per-offset (numerator, denominator) vectors between log lines."""
 
     def __init__(self):
         self.reset()
 
     def reset(self):
-        self.sums, self.n, self.correct, self.total = {}, 0, None, None
-        self.prefix_sum = self.blocks = self.tokens = self.anchors = 0
+        self.sums, self.n, self.vectors = {}, 0, {}
+        self.tokens = self.anchors = 0
         self.t0 = time.time()
 
     def add(self, loss: float, stats: dict, tokens: int):
         self.n += 1
-        self.sums["loss"] = self.sums.get("loss", 0.0) + loss
-        for k, v in stats.get("scalars", {}).items():
+        for k, v in {"loss": loss, **stats.get("scalars", {})}.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
-        if "correct" in stats:
-            self.correct = stats["correct"] if self.correct is None else self.correct + stats["correct"]
-            self.total = stats["total"] if self.total is None else self.total + stats["total"]
-            self.prefix_sum += stats["prefix_sum"]
-            self.blocks += stats["blocks"]
+        for k, (num, den) in stats.get("vectors", {}).items():
+            old = self.vectors.get(k)
+            self.vectors[k] = (num, den) if old is None else (old[0] + num, old[1] + den)
         self.tokens += tokens
         self.anchors += stats.get("blocks", 0)
 
     def summary(self) -> dict:
         dt = max(time.time() - self.t0, 1e-9)
         rec = {k: v / max(self.n, 1) for k, v in self.sums.items()}
-        if self.correct is not None:
-            acc = (self.correct.float() / self.total.clamp(min=1).float()).tolist()
-            rec["acc_per_offset"] = [round(a, 4) for a in acc]
-            rec["tau_implied"] = implied_tau(acc)
-            rec["tau_prefix"] = 1 + self.prefix_sum / max(self.blocks, 1)
+        for k, (num, den) in self.vectors.items():
+            rec[k] = [round(x, 4) for x in (num.float() / den.clamp(min=1).float()).tolist()]
+        if "acc_per_offset" in rec:
+            rec["tau_implied"] = implied_tau(rec["acc_per_offset"])
         rec["tokens_per_s"] = self.tokens / dt
         rec["anchors_per_s"] = self.anchors / dt
         return rec

@@ -1,0 +1,225 @@
+"""Draft-OPD: train the drafter at the anchors verification exposes, with target feedback.
+
+One micro-batch:
+1. target pass over the committed text (features, teacher states, a KV cache);
+2. anchors: the on-policy walk with the current drafter (cached mode), the anchors a live
+   speculative decode recorded (live mode), or random ones (ablation);
+3. drafter replay with grad at those anchors -> q at offsets 1..B-1;
+4. teacher p scored on the draft prefix: offsets k <= r+1 from the pass over the text,
+   offsets k > r+1 from one batched "verify" pass over the drafted blocks (tree mask:
+   block j sees the text before a_j and its own earlier tokens), reusing the KV cache;
+5. loss: forward KL on accepted offsets, gamma^(k-1)-weighted reverse KL on rejected ones
+   (exact, chunked over the vocabulary), or the public code's sampled estimators.
+"""
+
+import torch
+from transformers import DynamicCache
+
+from draftopd.decoding.speculative import _cache_kwarg, spec_generate
+from draftopd.model.drafter import context_features
+from draftopd.training.anchors import random_anchors
+from draftopd.training.blocks import block_sparse_mask, replay
+from draftopd.training.losses import kl_rows, offset_weights, sampled_terms
+from draftopd.training.onpolicy import candidate_acceptance, onpolicy_walk
+from draftopd.training.target_pass import base_model
+
+
+def tree_mask(anchors: torch.Tensor, seq_len: int, width: int) -> torch.Tensor:
+    """Verify mask, bool [b, 1, m*w, n + m*w]: block j sees text < a_j and its own tokens causally."""
+    full = block_sparse_mask(anchors, seq_len, width)
+    b, _, q, _ = full.shape
+    causal = torch.ones(width, width, dtype=torch.bool, device=anchors.device).tril()
+    m = q // width
+    blk = full[..., seq_len:].clone().view(b, 1, m, width, m, width)
+    blk &= causal[None, None, None, :, None, :]
+    return torch.cat([full[..., :seq_len], blk.view(b, 1, q, m * width)], dim=-1)
+
+
+@torch.no_grad()
+def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: torch.Tensor, seq_len: int
+                  ) -> torch.Tensor:
+    """Target's final hidden after each token of each drafted block: [b, m, w, H].
+
+    blocks [b, m, w] = [x_a, d_1, ..., d_{w-1}]; index i holds p(. | text < a, x_a, d_<=i).
+    The text's KV cache is reused (and grows by the blocks: one verify per cache).
+    """
+    b, m, w = blocks.shape
+    positions = (anchors[..., None] + torch.arange(w, device=blocks.device)).view(b, m * w)
+    out = base_model(target)(input_ids=blocks.view(b, m * w), position_ids=positions,
+                             attention_mask=tree_mask(anchors, seq_len, w),
+                             **{_cache_kwarg(base_model(target)): cache}, use_cache=True)
+    return out.last_hidden_state.view(b, m, w, -1)
+
+
+class OPDStep:
+    """Callable (batch, generator) -> (loss, stats) for the trainer."""
+
+    def __init__(self, cfg, draft, target):
+        self.cfg, self.o, self.draft, self.target = cfg, cfg.opd, draft, target
+        self.live: dict[int, tuple] = {}  # live mode: sequence index -> (ids, prompt_len, anchors, r, refresh id)
+        self.updates = 0
+        eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+        self.stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
+
+    # -- anchors ---------------------------------------------------------------------------
+    def _live_sequence(self, idx: int, ids: torch.Tensor, prompt_len: int, refresh: int):
+        rec = self.live.get(idx)
+        if rec is None or rec[4] != refresh:
+            prompt = ids[:prompt_len][None]
+            res = spec_generate(self.draft, self.target, prompt, self.o.live_max_new_tokens,
+                                temperature=self.o.live_temperature,
+                                stop_token_ids=self.stop_ids,
+                                generator=torch.Generator().manual_seed(idx * 7 + refresh))
+            lens = res.acceptance_lengths
+            anchors = (prompt_len + torch.tensor([0] + lens[:-1]).cumsum(0)).tolist()
+            rec = (res.output_ids[0].cpu(), prompt_len, anchors, [x - 1 for x in lens], refresh)
+            self.live[idx] = rec
+        return rec
+
+    def _anchors(self, batch, feats, ids, gen) -> tuple[list[list[int]], list[list[int]]]:
+        anchors, accepted = [], []
+        for i in range(ids.shape[0]):
+            P, L = int(batch.prompt_lens[i]), int(batch.lengths[i])
+            r = candidate_acceptance(self.draft, self.target, feats[i : i + 1], ids[i : i + 1], P, L).tolist()
+            if self.o.ablation == "random_anchors":
+                a, _ = random_anchors(torch.tensor([P]), torch.tensor([L]), self.o.max_anchors, gen)
+                a = a[0].tolist() if L - 1 > P else []
+                a = sorted(set(a))
+            else:
+                a, _ = onpolicy_walk(r, P, L - 1)
+            if len(a) > self.o.max_anchors:
+                keep = torch.randperm(len(a), generator=gen)[: self.o.max_anchors].sort().values.tolist()
+                a = [a[k] for k in keep]
+            anchors.append(a)
+            accepted.append([r[x - P] for x in a])
+        return anchors, accepted
+
+    # -- one micro-batch ---------------------------------------------------------------------
+    def __call__(self, batch, gen):
+        draft, target, o = self.draft, self.target, self.o
+        device = next(target.parameters()).device
+        B = draft.block_size
+        if o.rollout_mode == "live":
+            batch = self._refresh_live(batch)
+        ids, lengths = batch.input_ids.to(device), batch.lengths.to(device)
+        b, n = ids.shape
+        cache = DynamicCache(config=target.config)
+        attn = (torch.arange(n, device=device)[None] < lengths[:, None]).long()
+        with torch.no_grad():
+            out = base_model(target)(input_ids=ids, attention_mask=attn, output_hidden_states=True,
+                                     **{_cache_kwarg(base_model(target)): cache}, use_cache=True)
+        feats = context_features(out.hidden_states, draft.target_layer_ids).to(next(draft.parameters()).dtype)
+        text_h = out.last_hidden_state  # [b, n, H]
+
+        if o.rollout_mode == "live" and o.ablation != "random_anchors":
+            anchor_lists = [self.live[idx][2] for idx in batch.indices]
+            r_lists = [self.live[idx][3] for idx in batch.indices]
+            for i in range(b):  # respect the cap as in cached mode
+                if len(anchor_lists[i]) > o.max_anchors:
+                    keep = torch.randperm(len(anchor_lists[i]), generator=gen)[: o.max_anchors].sort().values
+                    anchor_lists[i] = [anchor_lists[i][k] for k in keep]
+                    r_lists[i] = [r_lists[i][k] for k in keep]
+        else:
+            was_training = draft.training
+            draft.eval()
+            anchor_lists, r_lists = self._anchors(batch, feats, ids, gen)
+            draft.train(was_training)
+        m = max(1, max(len(a) for a in anchor_lists))
+        anchors = torch.zeros(b, m, dtype=torch.long, device=device)
+        r = torch.zeros(b, m, dtype=torch.long, device=device)
+        valid = torch.zeros(b, m, dtype=torch.bool, device=device)
+        for i, (a, rr) in enumerate(zip(anchor_lists, r_lists)):
+            if a:
+                anchors[i, : len(a)] = torch.tensor(a)
+                anchors[i, len(a):] = a[0]
+                r[i, : len(a)] = torch.tensor(rr)
+                valid[i, : len(a)] = True
+            else:
+                anchors[i] = batch.prompt_lens[i]
+
+        hidden = replay(draft, target.get_input_embeddings(), feats, ids, anchors)[:, :, 1:]  # [b, m, B-1, H]
+        head = target.get_output_embeddings().weight
+        k = torch.arange(1, B, device=device)  # offsets
+        accepted = (k[None, None] <= r[..., None]) & valid[..., None]  # [b, m, B-1]
+        rejected = (k[None, None] > r[..., None]) & valid[..., None]
+
+        # drafts (argmax of q) where the text does not fix them: offsets after the first rejection
+        text_pos = (anchors[..., None] + k).clamp(max=n - 1)
+        text_tok = ids.gather(1, text_pos.view(b, -1)).view(b, m, B - 1)
+        with torch.no_grad():
+            drafts = text_tok.clone()
+            rows = rejected.nonzero(as_tuple=True)
+            for s in range(0, rows[0].numel(), 2048):
+                sel = tuple(t[s : s + 2048] for t in rows)
+                drafts[sel] = (hidden[sel].detach().to(head.dtype) @ head.T).argmax(-1)
+
+        # teacher states per (anchor, offset): from the text for k <= r+1, from verify beyond
+        from_text = (k[None, None] <= r[..., None] + 1)
+        teacher = text_h.gather(1, (anchors[..., None] + k - 1).clamp(max=n - 1).view(b, -1, 1)
+                                .expand(-1, -1, text_h.shape[-1])).view(b, m, B - 1, -1)
+        need_verify = (rejected & ~from_text).any()
+        if need_verify:
+            blocks = torch.cat([ids.gather(1, anchors)[..., None], drafts[..., :-1]], dim=-1)  # [b, m, B-1]
+            ver = verify_states(target, cache, blocks, anchors, n)  # [b, m, B-1, H]
+            teacher = torch.where(from_text[..., None], teacher, ver.to(teacher.dtype))
+
+        rows = valid[..., None].expand_as(accepted)
+        flat = lambda t: t[rows]  # noqa: E731 -- [N, ...] over valid (anchor, offset) rows
+        w_rej = offset_weights(B, o.gamma, "none" if o.ablation == "no_decay" else "pow").to(device)
+        w_rej = w_rej.expand_as(accepted)
+        if o.loss == "exact":
+            forward = accepted.clone()
+            if o.ablation == "all_forward":
+                forward[:] = True
+            elif o.ablation == "all_reverse":
+                forward[:] = False
+            kl = kl_rows(flat(hidden), flat(teacher), head, flat(forward), o.teacher_temperature)
+            acc_rows, rej_rows = flat(accepted), flat(rejected)
+            parts, lambdas = [], []
+            stats_scalars = {}
+            if acc_rows.any():
+                l_acc = kl[acc_rows].mean()
+                parts.append(o.lambda_acc * l_acc)
+                lambdas.append(o.lambda_acc)
+                stats_scalars["loss_acc"] = float(l_acc.detach())
+            if rej_rows.any():
+                w = flat(w_rej)[rej_rows]
+                l_rej = (kl[rej_rows] * w).sum() / w.sum()
+                parts.append(o.lambda_rej * l_rej)
+                lambdas.append(o.lambda_rej)
+                stats_scalars["loss_rej"] = float(l_rej.detach())
+            loss = sum(parts) / max(sum(lambdas), 1e-8) if parts else hidden.sum() * 0
+        else:
+            commit = (k[None, None] <= r[..., None] + 1) & valid[..., None] & (anchors[..., None] + k < lengths[:, None, None])
+            loss, stats_scalars = sampled_terms(
+                flat(hidden), flat(teacher), head, targets_fwd=flat(text_tok), use_fwd=flat(commit),
+                targets_rev=flat(drafts), use_rev=flat(rejected), temperature=o.teacher_temperature,
+                clamp=o.logprob_clamp)
+
+        walk_lengths = [min(int(x) + 1, int(batch.lengths[i]) - 1 - a) for i in range(b)
+                        for a, x in zip(anchor_lists[i], r_lists[i])]
+        reached = ((r[..., None] >= k) & valid[..., None]).sum(dim=(0, 1)).cpu()
+        stats = {
+            "scalars": {**stats_scalars,
+                        "tau_walk": sum(walk_lengths) / max(len(walk_lengths), 1),
+                        "accepted_tokens": float(accepted.sum()), "rejected_tokens": float(rejected.sum())},
+            "vectors": {"accept_rate_per_offset": (reached, torch.full_like(reached, int(valid.sum())))},
+            "blocks": int(valid.sum()),
+        }
+        self.updates += 1
+        return loss, stats
+
+    def _refresh_live(self, batch):
+        """Replace each sequence's text by a speculative decode with the current drafter."""
+        from draftopd.training.data import Sequence, collate
+
+        refresh = self.updates // self.o.refresh_every
+        was_training = self.draft.training
+        self.draft.eval()
+        seqs = []
+        for i, idx in enumerate(batch.indices):
+            L, P = int(batch.lengths[i]), int(batch.prompt_lens[i])
+            text, P, _, _, _ = self._live_sequence(idx, batch.input_ids[i, :L], P, refresh)
+            seqs.append(Sequence(idx, text, P))
+        self.draft.train(was_training)
+        return collate(seqs)
