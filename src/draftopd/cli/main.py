@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 from draftopd.cli import train as _train  # noqa: E402
 
 _EXTRA_COMMANDS: list = [_train.register]
+from draftopd.cli.rollout import register as _register_rollout  # noqa: E402
+_EXTRA_COMMANDS.append(_register_rollout)
+from draftopd.cli.evaluate import register as _register_eval  # noqa: E402
+_EXTRA_COMMANDS.append(_register_eval)
 
 
 def main(argv=None) -> int:

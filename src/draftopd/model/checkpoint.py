@@ -105,7 +105,13 @@ def init_drafter(target, *, num_layers: int, block_size: int = 16, target_layer_
     config = build_config(target.config, num_layers=num_layers, block_size=block_size,
                           target_layer_ids=target_layer_ids, mask_token_id=mask, target_name=target.name)
     torch.manual_seed(seed)
-    return DFlashDraftModel(config).to(target.dtype)
+    draft = DFlashDraftModel(config)
+    final_norm = getattr(getattr(target.model, "model", None), "norm", None)
+    if final_norm is not None and getattr(final_norm, "weight", None) is not None \
+            and final_norm.weight.shape == draft.norm.weight.shape:
+        # Start in the target's output space: the shared LM head then sees familiar scales.
+        draft.norm.weight.data.copy_(final_norm.weight.data)
+    return draft.to(target.dtype)
 
 
 def save_drafter(model: DFlashDraftModel, out: str | Path, *, dtype: torch.dtype | None = None) -> Path:
@@ -137,9 +143,7 @@ def save_drafter(model: DFlashDraftModel, out: str | Path, *, dtype: torch.dtype
 
 def load_drafter(path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu") -> DFlashDraftModel:
     """Load any reference-format drafter directory (ours, or a published DFlash checkpoint)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise DraftOPDError(f"drafter {path}: no such directory")
+    path = _resolve_drafter_path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     if not cfg_file.exists() or not weights.exists():
         raise DraftOPDError(f"drafter {path}: not a drafter directory (needs config.json and model.safetensors)")
@@ -166,6 +170,23 @@ def load_drafter(path: str | Path, *, dtype: torch.dtype | None = None, device: 
     saved = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     model.to(device=device, dtype=dtype or getattr(torch, saved, torch.float32))
     return model.eval()
+
+
+def _resolve_drafter_path(path: str | Path) -> Path:
+    """A local directory, or an HF repo id (owner/name) fetched into the HF cache."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.py"]))
+        except Exception as e:
+            raise DraftOPDError(f"drafter {text!r}: not a local directory and not downloadable "
+                                f"({type(e).__name__})") from None
+    raise DraftOPDError(f"drafter {p}: no such directory")
 
 
 def drafter_target_name(model: DFlashDraftModel) -> str:

@@ -194,7 +194,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                 rec = acc.summary()
                 rec.update(lr=sched.get_last_lr()[0], skipped_steps=skipped)
                 log.log(step, rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tau=f"{rec.get('tau_prefix', rec.get('tau_walk', 0)):.2f}")
+                bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}",
+                                tau=f"{rec.get('tau_prefix', rec.get('tau_walk', 0)):.2f}")
                 acc.reset()
             if cfg.log.eval_every and step % cfg.log.eval_every == 0 and held and ctx.is_main:
                 log.log(step, {"heldout_tau": offline_tau(_unwrap(model).eval(), target.model, held)["tau"]})

@@ -1,0 +1,57 @@
+"""`draftopd rollout`: the target answers a prompt set; its responses become drafter training data."""
+
+import argparse
+import sys
+import time
+
+
+def register(sub) -> None:
+    s = sub.add_parser(
+        "rollout", help="write the target's responses to a prompt set (drafter training data)",
+        description="Generate target responses with batched HF generate and write them as a rollout "
+                    "directory (meta.json + rollouts.jsonl). Records are saved after every batch; "
+                    "rerunning the same command resumes an interrupted run.")
+    s.add_argument("--target", required=True,
+                   help="HF model id, local folder, or the embedded alias 'smollm2-135m'")
+    s.add_argument("--prompts", required=True,
+                   help="prompt spec, e.g. 'gsm8k[:1000],sharegpt[:500]' or a .jsonl path")
+    s.add_argument("--out", required=True, help="rollout directory to create or resume")
+    s.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (default %(default)s)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
+    s.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default %(default)s)")
+    s.add_argument("--max-prompt-tokens", type=int, default=512,
+                   help="skip prompts longer than this after the chat template (default %(default)s)")
+    s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="chat template thinking switch for targets that have one (Qwen3)")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="target weights (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed; batch i uses seed + i (default %(default)s)")
+    s.set_defaults(func=cmd_rollout)
+
+
+def cmd_rollout(args) -> None:
+    from draftopd.data.prompts import load_prompts
+    from draftopd.data.rollouts import RolloutSettings, generate_rollouts, read_records
+    from draftopd.model.target import load_target
+
+    settings = RolloutSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                               batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
+                               thinking=args.thinking, seed=args.seed)
+    prompts = load_prompts(args.prompts)  # first: a bad spec fails before the target loads
+    target = load_target(args.target, dtype=args.dtype)
+    before = {r.id for r in read_records(args.out)}
+    t0 = time.perf_counter()
+    try:
+        out = generate_rollouts(target, prompts, args.out, settings, prompt_spec=args.prompts)
+    except KeyboardInterrupt:
+        print(f"\n{len(read_records(args.out))} rollouts are saved in {args.out}; "
+              "rerun the same command to resume", file=sys.stderr)
+        raise
+    seconds = time.perf_counter() - t0
+    rollouts = read_records(out)
+    new_tokens = sum(len(r.response_ids) for r in rollouts if r.id not in before)
+    total_tokens = sum(len(r.response_ids) for r in rollouts)
+    skipped = len(prompts) - len(rollouts)
+    print(f"rollouts: {len(rollouts)} ({len(rollouts) - len(before)} new"
+          + (f", {skipped} prompts over {settings.max_prompt_tokens} tokens skipped" if skipped else "")
+          + f") | {total_tokens} response tokens | {new_tokens / seconds:.1f} tok/s | {out}")

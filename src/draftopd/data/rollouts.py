@@ -1,0 +1,302 @@
+"""Target rollouts: the target's own responses to prompts, which drafters are trained on.
+
+A rollout set is a directory: `meta.json` (target identity, settings, prompt spec) and
+`rollouts.jsonl`, one record per prompt. Records are appended and fsync'd batch by batch, so a
+killed run loses at most the batch in flight; rerunning with the same arguments resumes it,
+skipping finished prompts and dropping a last line cut short mid-write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from draftopd.data.prompts import Prompt, apply_chat_template
+from draftopd.errors import DraftOPDError
+from draftopd.model.target import stop_token_ids, target_identity
+
+FORMAT = "draftopd-rollouts/1"
+META = "meta.json"
+RECORDS = "rollouts.jsonl"
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass
+class Rollout:
+    id: str  # the Prompt id
+    prompt_ids: list[int]  # chat-templated prompt tokens
+    response_ids: list[int]  # generated tokens, ending with the EOS when one was generated
+    finish_reason: str  # "stop" (EOS generated) | "length" (max_new_tokens reached)
+    meta: dict = field(default_factory=dict)  # e.g. source, reference answer
+
+
+@dataclass
+class RolloutSettings:
+    """Everything besides the target that shapes the responses; a resumed run must match it."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    batch_size: int = 16
+    max_prompt_tokens: int = 512  # longer prompts (chat-templated) get no rollout
+    thinking: bool | None = None  # chat-template switch for targets that have one (Qwen3)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise DraftOPDError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise DraftOPDError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise DraftOPDError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def generate_rollouts(target, prompts: list[Prompt], out_dir, settings: RolloutSettings, *,
+                      prompt_spec: str = "", progress: bool = True) -> Path:
+    """Write the target's response to each prompt into `out_dir`, resuming a run left there.
+
+    Prompts are sorted longest first (less padding; an out-of-memory shows at once) and cut
+    into batches before finished ones are skipped, so a resumed run forms the same batches,
+    and seeds, as an uninterrupted one. Prompts over `settings.max_prompt_tokens` are skipped.
+    """
+    out = Path(out_dir)
+    tok, model = target.tokenizer, target.model
+    prompt_ids: dict[str, list[int]] = {}
+    for p in prompts:
+        if p.id in prompt_ids:
+            raise DraftOPDError(f"prompt id {p.id!r} occurs twice; rollouts are keyed by prompt id")
+        ids = apply_chat_template(tok, p.messages, thinking=settings.thinking)
+        if len(ids) <= settings.max_prompt_tokens:
+            prompt_ids[p.id] = ids
+    if not prompt_ids:
+        raise DraftOPDError(f"all {len(prompts)} prompts are longer than max_prompt_tokens="
+                            f"{settings.max_prompt_tokens}")
+    meta = {"format": FORMAT, "target": target_identity(model, target.name),
+            "dtype": str(target.dtype).removeprefix("torch."), "settings": asdict(settings),
+            "prompts": prompt_spec, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "token_ids": "exact"}
+    done = _start_or_resume(out, meta)
+    order = sorted((p for p in prompts if p.id in prompt_ids), key=lambda p: -len(prompt_ids[p.id]))
+    batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    todo = [(i, [p for p in b if p.id not in done]) for i, b in enumerate(batches)]
+    todo = [(i, b) for i, b in todo if b]
+
+    stop = stop_token_ids(tok, model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
+    config = _generation_config(settings, stop, pad_id)
+
+    remaining = sum(len(b) for _, b in todo)
+    tokens, t0 = 0, time.perf_counter()
+    with open(out / RECORDS, "ab") as f, tqdm(total=len(order), initial=len(order) - remaining, unit="prompt",
+                                              desc="rollouts", disable=not progress) as bar:
+        for index, batch in todo:
+            if settings.temperature > 0:
+                torch.manual_seed(settings.seed + index)
+            responses = _generate(model, [prompt_ids[p.id] for p in batch], config, pad_id, set(stop))
+            rollouts = [Rollout(p.id, prompt_ids[p.id], r, "stop" if r[-1] in stop else "length",
+                                {"source": p.source, **p.meta}) for p, r in zip(batch, responses)]
+            _append(f, rollouts)
+            tokens += sum(len(r) for r in responses)
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.1f} tok/s")
+    return out
+
+
+def load_rollouts(out_dir, *, expect_target: dict | None = None) -> tuple[dict, list[Rollout]]:
+    """(meta, rollouts) of a rollout directory; `expect_target` (a target_identity) guards against
+    training a drafter on another target's responses. A last line cut short by a kill is ignored."""
+    out = Path(out_dir)
+    meta = _read_meta(out)
+    if expect_target is not None and meta["target"] != expect_target:
+        made = meta["target"]
+        key = _first_difference(made, expect_target)
+        detail = "" if key == "name" else f" ({key} {made.get(key)!r} vs {expect_target.get(key)!r})"
+        raise DraftOPDError(f"rollouts {out} were made by target {made.get('name')!r}, "
+                            f"not {expect_target.get('name')!r}{detail}")
+    rollouts = read_records(out, vocab_size=meta["target"].get("vocab_size"))
+    if not rollouts:
+        raise DraftOPDError(f"rollouts {out} hold no rollouts yet ({out / RECORDS} is empty or missing); "
+                            "rerun `draftopd rollout` to make them")
+    return meta, rollouts
+
+
+def write_rollouts(out_dir, meta: dict, rollouts: list[Rollout]) -> None:
+    """Write a complete rollout set made elsewhere (an inference engine, a test), replacing one there.
+
+    `meta` needs "target" (a target_identity dict); format, created and token_ids default as in
+    generate_rollouts.
+    """
+    out = Path(out_dir)
+    meta = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "token_ids": "exact", **meta}
+    if meta["format"] != FORMAT or not isinstance(meta.get("target"), dict):
+        raise DraftOPDError(f"rollout meta needs format {FORMAT!r} and a 'target' identity dict")
+    if not rollouts:
+        raise DraftOPDError("no rollouts to write")
+    seen: set[str] = set()
+    for i, r in enumerate(rollouts):
+        problem = _problem(r, meta["target"].get("vocab_size")) or ("duplicate id" if r.id in seen else None)
+        if problem:
+            raise DraftOPDError(f"rollout {i} ({r.id!r}): {problem}")
+        seen.add(r.id)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (RECORDS + ".tmp")
+    with open(tmp, "wb") as f:
+        _append(f, rollouts)
+    os.replace(tmp, out / RECORDS)
+    _write_json(out / META, meta)
+
+
+def read_records(out_dir, *, vocab_size: int | None = None) -> list[Rollout]:
+    """The records written so far, in file order, without checking meta.json (for resuming and
+    progress reports). An unterminated last line is a write cut short by a kill and is skipped."""
+    path = Path(out_dir) / RECORDS
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")  # the last item is b"" or the partial line
+    records, seen = [], set()
+    for lineno, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except ValueError as e:  # JSONDecodeError or bad UTF-8
+            raise DraftOPDError(f"{where}: invalid JSON ({getattr(e, 'msg', e)}); "
+                                "expected one rollout object per line") from None
+        try:
+            r = Rollout(**row)
+        except TypeError:  # not an object, or missing/unknown keys
+            raise DraftOPDError(f"{where}: expected an object with keys id, prompt_ids, response_ids, "
+                                f"finish_reason, meta; got {str(row)[:80]}") from None
+        problem = _problem(r, vocab_size) or (f"duplicate id {r.id!r}" if r.id in seen else None)
+        if problem:
+            raise DraftOPDError(f"{where}: {problem}")
+        seen.add(r.id)
+        records.append(r)
+    return records
+
+
+def _problem(r: Rollout, vocab_size: int | None) -> str | None:
+    """Why `r` is not a valid record, or None."""
+    def token_ids(x) -> bool:
+        return (isinstance(x, list) and len(x) > 0 and all(type(t) is int and t >= 0 for t in x)
+                and (vocab_size is None or max(x) < vocab_size))
+
+    if not isinstance(r.id, str) or not r.id:
+        return "'id' must be a non-empty string"
+    if not token_ids(r.prompt_ids):
+        return f"'prompt_ids' must be a non-empty list of token ids below the vocabulary size {vocab_size}"
+    if not token_ids(r.response_ids):
+        return (f"'response_ids' must be a non-empty list of token ids below the vocabulary size {vocab_size}"
+                " (an empty rollout?)")
+    if r.finish_reason not in FINISH_REASONS:
+        return f"'finish_reason' must be one of {FINISH_REASONS}, got {r.finish_reason!r}"
+    if not isinstance(r.meta, dict):
+        return "'meta' must be an object"
+    return None
+
+
+def _start_or_resume(out: Path, meta: dict) -> set[str]:
+    """Create `out`, or check that the run left there had the same target and settings.
+
+    Returns the ids already written, after truncating a partial last line so appends stay whole.
+    """
+    if not (out / META).exists():
+        if out.exists() and any(out.iterdir()):
+            raise DraftOPDError(f"{out} exists and is not a rollout directory (no {META}); choose another path")
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / META, meta)
+        return set()
+    old = _read_meta(out)
+    for key in ("target", "dtype", "prompts", "settings"):
+        a, b = old.get(key), meta[key]
+        if a != b:
+            name = key
+            if isinstance(a, dict) and isinstance(b, dict):
+                sub = _first_difference(a, b)
+                name, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+            raise DraftOPDError(f"{out} holds rollouts made with {name}={a!r}, but this run has {name}={b!r}; "
+                                "rerun with the original arguments to resume, or write to a new directory")
+    path = out / RECORDS
+    if path.exists():
+        with open(path, "rb+") as f:
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
+    return {r.id for r in read_records(out, vocab_size=meta["target"]["vocab_size"])}
+
+
+def _read_meta(out: Path) -> dict:
+    path = out / META
+    if not path.is_file():
+        raise DraftOPDError(f"{out} is not a rollout directory (no {META}); make one with `draftopd rollout`")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DraftOPDError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise DraftOPDError(f"{path}: format {found!r} is not {FORMAT!r}")
+    if not isinstance(meta.get("target"), dict):
+        raise DraftOPDError(f"{path}: no 'target' identity")
+    return meta
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Atomic: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append(f, rollouts: list[Rollout]) -> None:
+    """One write then fsync per batch, so a kill can cut at most the last line short."""
+    f.write("".join(json.dumps(asdict(r)) + "\n" for r in rollouts).encode("utf-8"))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _first_difference(a: dict, b: dict) -> str | None:
+    keys = list(a) + [k for k in b if k not in a]
+    return next((k for k in keys if a.get(k) != b.get(k)), None)
+
+
+def _generation_config(settings: RolloutSettings, stop: list[int], pad_id: int):
+    from transformers import GenerationConfig
+
+    sampling = {}
+    if settings.temperature > 0:
+        # generate() fills unset knobs from the model's own generation_config (Qwen3 ships
+        # top_k=20), so every one that shapes the distribution is set: settings alone decide.
+        sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=0, min_p=0.0,
+                        typical_p=1.0)
+    return GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=settings.temperature > 0,
+                            repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=stop or None,
+                            pad_token_id=pad_id, **sampling)
+
+
+@torch.inference_mode()
+def _generate(model, prompts: list[list[int]], config, pad_id: int, stop: set[int]) -> list[list[int]]:
+    """Responses to a batch of prompts; left padding makes every row's new tokens start at one column."""
+    width = max(map(len, prompts))
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)  # [b, width]
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    responses = []
+    for row in out[:, width:].tolist():  # finished rows are padded on the right
+        end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+        responses.append(row[:end])
+    return responses

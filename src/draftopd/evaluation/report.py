@@ -1,0 +1,179 @@
+"""Evaluation outputs: results.json, a paper-style Markdown table, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PLOTS = ("acceptance_histogram.png", "offset_acceptance.png", "tau_speedup.png")
+
+
+def write_report(out_dir, results: dict) -> list[Path]:
+    """Write results.json, results.md and the plots into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    paths = [out / "results.json", out / "results.md", *(out / p for p in PLOTS)]
+    tmp = paths[0].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(paths[0])
+    paths[1].write_text(markdown(results))
+    plot_acceptance_histogram(results, paths[2])
+    plot_offset_acceptance(results, paths[3])
+    plot_tau_speedup(results, paths[4])
+    return paths
+
+
+def _x(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def _f(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """Markdown table lines; `align` has one 'l' or 'r' per column."""
+    rule = ["---" if a == "l" else "--:" for a in align]
+    return ["| " + " | ".join(r) + " |" for r in [header, rule, *rows]]
+
+
+def _paper_table(results: dict, key: str) -> list[str]:
+    """Rows drafters, columns benchmarks, cells "speedup / τ", plus the mean over benchmarks."""
+    benches = results["config"]["benchmarks"]
+    rows = []
+    for name, per_bench in results["summary"].items():
+        mean = results["mean"][name]
+        rows.append([name] + [f"{_x(per_bench[b][key])} / {_f(per_bench[b]['tau'])}" for b in benches]
+                    + [f"{_x(mean[key])} / {_f(mean['tau'])}"])
+    return _table(["Drafter", *benches, "Mean"], rows, "l" + "r" * (len(benches) + 1))
+
+
+def markdown(results: dict) -> str:
+    c = results["config"]
+    mode = "greedy" if c["temperature"] == 0 else f"sampling at temperature {c['temperature']}"
+    lines = [
+        "# Speculative decoding: speedup / τ", "",
+        f"Target `{c['target']['name']}` ({c['dtype']}, {c['device']}); {mode}; up to {c['max_new_tokens']} new "
+        f"tokens; first {c['samples']} prompts per benchmark (multi-turn prompts add one sample per later turn); "
+        "block size " + ", ".join(f"{n}: {B}" for n, B in c["drafters"].items()) + ".", "",
+        "Cells: speedup in time per output token over the target alone in the same decoding loop "
+        "(block size 1) / τ, the mean acceptance length (tokens committed per verify step, token-weighted).", "",
+        *_paper_table(results, "speedup"), "",
+        "The same, with the speedup over HF `generate` (both timed in this process):", "",
+        *_paper_table(results, "speedup_hf"), "",
+    ]
+    checks = [(n, b, s) for n, per in results["summary"].items() for b, s in per.items()]
+    if c["temperature"] == 0:
+        bad = [f"{n}: {', '.join(s['mismatch_ids'])}" for n, b, s in checks if s["mismatch_ids"]]
+        total = sum(s["samples"] for _, _, s in checks)
+        lines += [f"Greedy check: {total - sum(s['greedy_mismatches'] or 0 for _, _, s in checks)} of {total} "
+                  "drafter outputs equal the target-alone output" + ("." if not bad else f"; MISMATCHES: {'; '.join(bad)}."),
+                  ""]
+    lines += ["## Details", ""]
+    rows = []
+    for n, b, s in checks:
+        offline = "–" if not s["offline_samples"] else \
+            f"{_f(s['offline_tau'])} ({s['offline_agree']}/{s['offline_samples']} walks equal)"
+        rows.append([n, b, str(s["block_size"]), str(s["samples"]), str(s["output_tokens"]), _f(s["tau"]),
+                     _f(s["tau_per_sample_mean"]), _f(s["time_per_output_token"] * 1e3, 1), _f(s["tokens_per_s"], 1),
+                     _x(s["speedup"]), _x(s["speedup_hf"]),
+                     "–" if s["greedy_mismatches"] is None else str(s["greedy_mismatches"]), offline])
+    lines += _table(["Drafter", "Benchmark", "B", "Samples", "Tokens", "τ", "τ (per-sample mean)", "ms/token",
+                     "tok/s", "Speedup (loop)", "Speedup (HF)", "Greedy mismatches", "Offline τ (decoded text)"],
+                    rows, "llrrrrrrrrrrr")
+    lines += ["", "## Target alone", ""]
+    rows = [[b, str(s["loop"]["output_tokens"]), _f(s["loop"]["time_per_output_token"] * 1e3, 1),
+             _f(s["loop"]["tokens_per_s"], 1), _f(s["hf"]["time_per_output_token"] * 1e3, 1),
+             _f(s["hf"]["tokens_per_s"], 1)] for b, s in results["baseline"].items()]
+    lines += _table(["Benchmark", "Tokens", "Loop ms/token", "Loop tok/s", "HF generate ms/token",
+                     "HF generate tok/s"], rows, "lrrrrr")
+    if results.get("offline_rollouts"):
+        lines += ["", f"## Offline τ on cached rollouts (`{c['offline_rollouts']}`)", "",
+                  "Exact greedy τ from the anchor walk over the target's cached responses (no decoding).", ""]
+        rows = [[n, _f(o["tau"]), _f(o["tau_per_sample_mean"]), str(o["sequences"]), str(o["steps"])]
+                for n, o in results["offline_rollouts"].items()]
+        lines += _table(["Drafter", "τ", "τ (per-sample mean)", "Sequences", "Steps"], rows, "lrrrr")
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bar_offsets(n: int, width: float = 0.8) -> tuple[list[float], float]:
+    """Centre offsets of n grouped bars within one slot of `width`."""
+    w = width / n
+    return [(i - (n - 1) / 2) * w for i in range(n)], w
+
+
+def plot_acceptance_histogram(results: dict, path) -> None:
+    """One panel per drafter: share of verify steps committing 1..B tokens, a bar per benchmark."""
+    plt = _pyplot()
+    summary, benches = results["summary"], results["config"]["benchmarks"]
+    fig, axes = plt.subplots(len(summary), 1, figsize=(9, 3.2 * len(summary)), squeeze=False)
+    offsets, w = _bar_offsets(len(benches))
+    for ax, (name, per) in zip(axes[:, 0], summary.items()):
+        B = per[benches[0]]["block_size"]
+        for off, b in zip(offsets, benches):
+            counts = per[b]["acceptance_histogram"]
+            share = [100 * n / max(sum(counts), 1) for n in counts]
+            ax.bar([k + 1 + off for k in range(B)], share, width=w, label=f"{b} (τ={per[b]['tau']:.2f})")
+        ax.set_title(f"{name}: acceptance length per verify step")
+        ax.set_xlabel("tokens committed per step (accepted drafts + 1)")
+        ax.set_ylabel("% of steps")
+        ax.set_xticks(range(1, B + 1))
+        ax.set_ylim(0, 105)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_offset_acceptance(results: dict, path) -> None:
+    """One panel per benchmark: how often the draft at block offset k is accepted, a line per drafter."""
+    plt = _pyplot()
+    summary, benches = results["summary"], results["config"]["benchmarks"]
+    fig, axes = plt.subplots(1, len(benches), figsize=(4.2 * len(benches), 3.6), squeeze=False, sharey=True)
+    for ax, b in zip(axes[0], benches):
+        for name, per in summary.items():
+            rates = per[b]["offset_acceptance"]
+            ax.plot(range(1, len(rates) + 1), rates, marker="o", label=name)
+        ax.set_title(b)
+        ax.set_xlabel("block offset k")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("P(draft at offset k accepted)")
+    axes[0, -1].legend(fontsize=8)
+    fig.suptitle("Per-offset acceptance (fraction of steps with acceptance length > k)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tau_speedup(results: dict, path) -> None:
+    """τ and speedup per benchmark, a bar per drafter, values written on the bars."""
+    plt = _pyplot()
+    summary, benches = results["summary"], results["config"]["benchmarks"]
+    fig, (ax_tau, ax_speed) = plt.subplots(1, 2, figsize=(max(9, 3 * len(benches) + 3), 4))
+    offsets, w = _bar_offsets(len(summary))
+    for off, (name, per) in zip(offsets, summary.items()):
+        xs = [i + off for i in range(len(benches))]
+        bars = ax_tau.bar(xs, [per[b]["tau"] for b in benches], width=w, label=name)
+        ax_tau.bar_label(bars, fmt="%.2f", fontsize=7)
+        bars = ax_speed.bar(xs, [per[b]["speedup"] or 0 for b in benches], width=w, label=name)
+        ax_speed.bar_label(bars, fmt="%.2f×", fontsize=7)
+    ax_speed.axhline(1, color="grey", linestyle="--", linewidth=1)
+    for ax, title, ylabel in ((ax_tau, "Mean acceptance length τ", "τ (tokens per verify step)"),
+                              (ax_speed, "Speedup over the target alone (block size 1)", "speedup (×)")):
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(range(len(benches)), benches)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,147 @@
+"""Target rollouts on the embedded SmolLM2: records, resume after a kill, batching, errors, CLI."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from draftopd.cli.main import main
+from draftopd.data.prompts import apply_chat_template, load_prompts
+from draftopd.data.rollouts import (FORMAT, Rollout, RolloutSettings, generate_rollouts, load_rollouts,
+                                    read_records, write_rollouts)
+from draftopd.errors import DraftOPDError
+from draftopd.model.target import stop_token_ids, target_identity
+
+SPEC = "gsm8k[:6]"
+SETTINGS = RolloutSettings(max_new_tokens=16, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return load_prompts(SPEC)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm, prompts, tmp_path_factory):
+    """An uninterrupted greedy run: (directory, {id: Rollout})."""
+    out = tmp_path_factory.mktemp("rollouts") / "ref"
+    generate_rollouts(smollm, prompts, out, SETTINGS, prompt_spec=SPEC, progress=False)
+    return out, {r.id: r for r in load_rollouts(out)[1]}
+
+
+def test_one_record_per_prompt(smollm, prompts, reference):
+    out, records = reference
+    meta, rollouts = load_rollouts(out, expect_target=target_identity(smollm.model, smollm.name))
+    assert meta["format"] == FORMAT and meta["target"] == target_identity(smollm.model, smollm.name)
+    assert meta["settings"]["max_new_tokens"] == 16 and meta["prompts"] == SPEC and meta["token_ids"] == "exact"
+    assert sorted(r.id for r in rollouts) == sorted(p.id for p in prompts)
+    stop = stop_token_ids(smollm.tokenizer, smollm.model)
+    for p in prompts:
+        r = records[p.id]
+        assert r.prompt_ids == apply_chat_template(smollm.tokenizer, p.messages)
+        assert 1 <= len(r.response_ids) <= 16
+        assert not set(r.response_ids[:-1]) & set(stop)  # cut after the first EOS
+        assert r.finish_reason == ("stop" if r.response_ids[-1] in stop else "length")
+        assert r.meta["source"] == "gsm8k" and "answer" in r.meta
+
+
+def test_resume_after_kill_matches_uninterrupted_run(smollm, prompts, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    generate, calls = smollm.model.generate, []
+
+    def killed_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(smollm.model, "generate", killed_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate_rollouts(smollm, prompts, out, SETTINGS, prompt_spec=SPEC, progress=False)
+    monkeypatch.undo()
+    first = read_records(out)
+    assert len(first) == 3
+    # A kill in the middle of writing the second batch leaves half a line.
+    missing = next(r for r in reference[1].values() if r.id not in {f.id for f in first})
+    line = json.dumps({"id": missing.id, "prompt_ids": missing.prompt_ids, "response_ids": missing.response_ids,
+                       "finish_reason": missing.finish_reason, "meta": missing.meta})
+    with open(out / "rollouts.jsonl", "a") as f:
+        f.write(line[: len(line) // 2])
+    assert len(load_rollouts(out)[1]) == 3  # the partial line is ignored
+
+    generate_rollouts(smollm, prompts, out, SETTINGS, prompt_spec=SPEC, progress=False)
+    assert (out / "rollouts.jsonl").read_bytes().endswith(b"\n")
+    resumed = load_rollouts(out)[1]
+    assert len(resumed) == len(prompts)
+    assert {r.id: r for r in resumed} == reference[1]
+
+
+def test_batched_equals_unbatched_greedy(smollm, prompts, reference, tmp_path):
+    out = generate_rollouts(smollm, prompts, tmp_path / "b1", replace(SETTINGS, batch_size=1), progress=False)
+    single = {r.id: r.response_ids for r in load_rollouts(out)[1]}
+    assert single == {i: r.response_ids for i, r in reference[1].items()}
+
+
+def test_resume_with_other_settings_names_the_field(smollm, prompts, reference, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    with pytest.raises(DraftOPDError, match=r"settings\.temperature=0\.0.*settings\.temperature=0\.7"):
+        generate_rollouts(smollm, prompts, out, replace(SETTINGS, temperature=0.7), prompt_spec=SPEC)
+    with pytest.raises(DraftOPDError, match=r"prompts='gsm8k\[:6\]'"):
+        generate_rollouts(smollm, prompts, out, SETTINGS, prompt_spec="gsm8k[:7]")
+
+
+def test_load_checks_target_and_records(reference, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    meta = json.loads((out / "meta.json").read_text())
+    other = dict(meta["target"], name="Qwen/Qwen3-8B", hidden_size=4096)
+    with pytest.raises(DraftOPDError, match=r"were made by target 'HuggingFaceTB/SmolLM2.*not 'Qwen/Qwen3-8B'"):
+        load_rollouts(out, expect_target=other)
+    with pytest.raises(DraftOPDError, match="hidden_size 576 vs 4096"):
+        load_rollouts(out, expect_target=dict(meta["target"], hidden_size=4096))
+
+    lines = (out / "rollouts.jsonl").read_text().splitlines(keepends=True)
+    (out / "rollouts.jsonl").write_text(lines[0] + '{"id": "gsm8k:9", "prompt_ids": [1]}\n' + "".join(lines[1:]))
+    with pytest.raises(DraftOPDError, match=r"rollouts\.jsonl:2: expected an object with keys"):
+        load_rollouts(out)
+    (out / "rollouts.jsonl").write_text(lines[0] + "{not json\n")
+    with pytest.raises(DraftOPDError, match=r"rollouts\.jsonl:2: invalid JSON"):
+        load_rollouts(out)
+    (out / "rollouts.jsonl").write_text(lines[0] + lines[0])
+    with pytest.raises(DraftOPDError, match=r"rollouts\.jsonl:2: duplicate id"):
+        load_rollouts(out)
+    (out / "rollouts.jsonl").write_text("")
+    with pytest.raises(DraftOPDError, match="hold no rollouts"):
+        load_rollouts(out)
+    with pytest.raises(DraftOPDError, match="not a rollout directory"):
+        load_rollouts(tmp_path / "nowhere")
+
+
+def test_write_rollouts_round_trip(tmp_path):
+    target = {"name": "t", "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "vocab_size": 100}
+    rollouts = [Rollout("a:0", [1, 2], [3, 4, 0], "stop", {"source": "a"}), Rollout("a:1", [5], [6], "length", {})]
+    write_rollouts(tmp_path, {"target": target, "settings": {}}, rollouts)
+    meta, loaded = load_rollouts(tmp_path, expect_target=target)
+    assert loaded == rollouts and meta["format"] == FORMAT
+    with pytest.raises(DraftOPDError, match=r"rollout 0 \('a:0'\): 'response_ids'.*empty rollout"):
+        write_rollouts(tmp_path, {"target": target}, [Rollout("a:0", [1], [], "stop", {})])
+    with pytest.raises(DraftOPDError, match="vocabulary size 100"):
+        write_rollouts(tmp_path, {"target": target}, [Rollout("a:0", [1], [100], "stop", {})])
+
+
+def test_cli_bad_prompt_spec_is_one_line(tmp_path, capsys):
+    rc = main(["rollout", "--target", "smollm2-135m", "--prompts", "nosuchset", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("draftopd rollout: error: unknown prompt source 'nosuchset'")
+
+
+def test_cli_resumes_finished_run(reference, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    rc = main(["rollout", "--target", "smollm2-135m", "--prompts", SPEC, "--out", str(out),
+               "--max-new-tokens", "16", "--batch-size", "3"])
+    assert rc == 0
+    assert capsys.readouterr().out.startswith("rollouts: 6 (0 new) | ")

@@ -1,0 +1,151 @@
+"""The trainer on a tiny random target saved to disk: exact resume, atomic checkpoints, errors."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import tiny_target
+from draftopd.data.rollouts import Rollout, write_rollouts
+from draftopd.errors import DraftOPDError
+from draftopd.model.checkpoint import load_drafter
+from draftopd.model.target import load_target, resolve_target, target_identity
+from draftopd.training.config import load_config
+from draftopd.training.metrics import read_metrics
+from draftopd.training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved with the SmolLM2 tokenizer (ids used stay < 160)."""
+    d = tmp_path_factory.mktemp("tiny-target")
+    tiny_target("llama").save_pretrained(d)
+    AutoTokenizer.from_pretrained(resolve_target("smollm2-135m")).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_rollouts(tiny_dir, tmp_path_factory):
+    """Greedy continuations by the tiny target itself, so the text is on the target's policy."""
+    target = load_target(str(tiny_dir))
+    g = torch.Generator().manual_seed(0)
+    rollouts = []
+    for i in range(12):
+        prompt = torch.randint(20, 150, (1, 6), generator=g)
+        out = target.model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+        rollouts.append(Rollout(f"t:{i}", prompt[0].tolist(), out[0, 6:].tolist(), "length"))
+    d = tmp_path_factory.mktemp("tiny-rollouts")
+    write_rollouts(d, {"target": target_identity(target.model, target.name)}, rollouts)
+    return d
+
+
+def cfg_for(method, tiny_dir, rollouts, out, **extra):
+    base = {"method": method, "target": str(tiny_dir), "out_dir": str(out), "max_steps": 6, "batch_size": 2,
+            "draft": {"num_layers": 1, "block_size": 4}, "data": {"rollouts": str(rollouts), "max_length": 64},
+            "sft": {"num_anchors": 8, "gamma": 4.0}, "log": {"every": 1, "save_every": 3, "progress": False},
+            "optim": {"lr": 3e-3, "warmup_ratio": 0.0}}
+    overrides = [f"{k}={json.dumps(v)}" for k, v in extra.items()]
+    return load_config(None, overrides, base=base)
+
+
+def test_sft_resume_after_kill_matches_uninterrupted(tiny_dir, tiny_rollouts, tmp_path, monkeypatch):
+    full = train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "full"))
+    losses = [m["loss"] for m in read_metrics(full.out_dir)]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+    import draftopd.training.sft as sft
+
+    real, calls = sft.sft_loss, {"n": 0}
+
+    def killed_in_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft, "sft_loss", killed_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "part"))
+    assert (tmp_path / "part" / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    monkeypatch.setattr(sft, "sft_loss", real)
+    resumed = train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "part"), resume=True)
+    assert resumed.steps == 6
+    again = [m["loss"] for m in read_metrics(tmp_path / "part") if "loss" in m]
+    assert again == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    a, b = load_drafter(full.final_drafter), load_drafter(resumed.final_drafter)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_half_written_checkpoint_never_becomes_latest(tiny_dir, tiny_rollouts, tmp_path):
+    out = tmp_path / "run"
+    train(cfg_for("sft", tiny_dir, tiny_rollouts, out, max_steps=3))
+    root = out / "checkpoints"
+    # a kill mid-write leaves a temp directory behind; latest still names the complete one
+    (root / ".step-0000004.tmp-x").mkdir()
+    assert (root / "latest").read_text().strip() == "step-0000003"
+    res = train(cfg_for("sft", tiny_dir, tiny_rollouts, out, max_steps=4), resume=True)
+    assert res.steps == 4
+
+
+def test_opd_runs_and_logs_walk_statistics(tiny_dir, tiny_rollouts, tmp_path):
+    sft = train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "sft", max_steps=3))
+    for loss in ("exact", "sampled"):
+        cfg = cfg_for("opd", tiny_dir, tiny_rollouts, tmp_path / f"opd-{loss}", max_steps=2,
+                      **{"draft.init": str(sft.final_drafter), "opd.loss": loss, "opd.max_anchors": 8})
+        res = train(cfg)
+        rec = read_metrics(res.out_dir)[0]
+        assert {"loss", "tau_walk", "accepted_tokens", "rejected_tokens", "accept_rate_per_offset"} <= set(rec)
+        assert len(rec["accept_rate_per_offset"]) == 3 and rec["tau_walk"] >= 1
+
+
+def test_nan_step_is_skipped_and_counted(tiny_dir, tiny_rollouts, tmp_path, monkeypatch):
+    import draftopd.training.sft as sft
+
+    real = sft.sft_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        loss, stats = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 2 else loss), stats
+
+    monkeypatch.setattr(sft, "sft_loss", flaky)
+    res = train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "nan", max_steps=4))
+    assert res.skipped_steps == 1 and res.steps == 4
+    assert all(torch.isfinite(p).all() for p in load_drafter(res.final_drafter).parameters())
+
+
+def test_bad_inputs(tiny_dir, tiny_rollouts, tmp_path):
+    with pytest.raises(DraftOPDError, match=r"optim\.lrr: unknown key"):
+        cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path, **{"optim.lrr": 1})
+    with pytest.raises(DraftOPDError, match=r"batch_size: .*integer"):
+        cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path, batch_size="four")
+    # rollouts made by another target
+    other = tmp_path / "other-rollouts"
+    ident = {"name": "someone/else", "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4,
+             "vocab_size": 160}
+    write_rollouts(other, {"target": ident}, [Rollout("x:0", [1, 2], [3, 4, 5], "length")])
+    with pytest.raises(DraftOPDError, match="were made by target 'someone/else'"):
+        train(cfg_for("sft", tiny_dir, other, tmp_path / "o"))
+    # a checkpoint dir that is not a drafter
+    (tmp_path / "notadrafter").mkdir()
+    with pytest.raises(DraftOPDError, match="not a drafter directory"):
+        train(cfg_for("opd", tiny_dir, tiny_rollouts, tmp_path / "x", **{"draft.init": str(tmp_path / "notadrafter")}))
+    # block size mismatch between the drafter and the config
+    sft = train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "b4", max_steps=1))
+    with pytest.raises(DraftOPDError, match="block size mismatch"):
+        train(cfg_for("opd", tiny_dir, tiny_rollouts, tmp_path / "y",
+                      **{"draft.init": str(sft.final_drafter), "draft.block_size": 8}))
+    # responses too short to train on (an EOS alone)
+    empty = tmp_path / "empty-rollouts"
+    target = load_target(str(tiny_dir))
+    write_rollouts(empty, {"target": target_identity(target.model, target.name)},
+                   [Rollout("e:0", [1, 2, 3], [2], "stop")])  # just an EOS
+    with pytest.raises(DraftOPDError, match="no usable rollouts"):
+        train(cfg_for("sft", tiny_dir, empty, tmp_path / "z"))
+    # an existing run is never overwritten without --resume
+    with pytest.raises(DraftOPDError, match="already has checkpoints"):
+        train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "b4", max_steps=1))
+    assert os.path.exists(tmp_path / "b4" / "final" / "model.safetensors")
