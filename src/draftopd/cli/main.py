@@ -129,13 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-from draftopd.cli import train as _train  # noqa: E402
+from draftopd.cli import demo, evaluate, rollout, train  # noqa: E402  (each registers one subcommand)
 
-_EXTRA_COMMANDS: list = [_train.register]
-from draftopd.cli.rollout import register as _register_rollout  # noqa: E402
-_EXTRA_COMMANDS.append(_register_rollout)
-from draftopd.cli.evaluate import register as _register_eval  # noqa: E402
-_EXTRA_COMMANDS.append(_register_eval)
+_EXTRA_COMMANDS: list = [rollout.register, train.register, evaluate.register, demo.register]
 
 
 def main(argv=None) -> int:

@@ -114,7 +114,7 @@ def plot_acceptance_histogram(results: dict, path) -> None:
     """One panel per drafter: share of verify steps committing 1..B tokens, a bar per benchmark."""
     plt = _pyplot()
     summary, benches = results["summary"], results["config"]["benchmarks"]
-    fig, axes = plt.subplots(len(summary), 1, figsize=(9, 3.2 * len(summary)), squeeze=False)
+    fig, axes = plt.subplots(len(summary), 1, figsize=(11, 3.2 * len(summary)), squeeze=False)
     offsets, w = _bar_offsets(len(benches))
     for ax, (name, per) in zip(axes[:, 0], summary.items()):
         B = per[benches[0]]["block_size"]
@@ -127,7 +127,7 @@ def plot_acceptance_histogram(results: dict, path) -> None:
         ax.set_ylabel("% of steps")
         ax.set_xticks(range(1, B + 1))
         ax.set_ylim(0, 105)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars may reach 100%
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -139,17 +139,19 @@ def plot_offset_acceptance(results: dict, path) -> None:
     summary, benches = results["summary"], results["config"]["benchmarks"]
     fig, axes = plt.subplots(1, len(benches), figsize=(4.2 * len(benches), 3.6), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], benches):
-        for name, per in summary.items():
+        for i, (name, per) in enumerate(summary.items()):  # markers and dashes keep equal lines visible
             rates = per[b]["offset_acceptance"]
-            ax.plot(range(1, len(rates) + 1), rates, marker="o", label=name)
+            ax.plot(range(1, len(rates) + 1), rates, marker="osD^v<>"[i % 7], linestyle=("-", "--", ":")[i % 3],
+                    markersize=7 - i % 3 * 1.5, label=name)
         ax.set_title(b)
         ax.set_xlabel("block offset k")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("P(draft at offset k accepted)")
-    axes[0, -1].legend(fontsize=8)
     fig.suptitle("Per-offset acceptance (fraction of steps with acceptance length > k)")
-    fig.tight_layout()
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=min(len(summary), 4), fontsize=9)
+    rows = -(-len(summary) // 4)
+    fig.tight_layout(rect=(0, 0.09 * rows, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -173,7 +175,8 @@ def plot_tau_speedup(results: dict, path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_xticks(range(len(benches)), benches)
         ax.margins(y=0.15)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*ax_tau.get_legend_handles_labels(), loc="upper center", ncol=min(len(summary), 4), fontsize=9)
+    rows = -(-len(summary) // 4)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.07 * rows))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -30,7 +30,7 @@ def _chunks(n: int, chunk: int):
 
 
 def _ce_chunk(hidden, weight, labels):
-    logits = F.linear(hidden, weight).float()
+    logits = F.linear(hidden.to(weight.dtype), weight).float()
     return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
 
 
