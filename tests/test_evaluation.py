@@ -21,7 +21,7 @@ from draftopd.model.target import target_identity
 
 BENCHES = ["gsm8k", "humaneval", "mt-bench"]
 DRAFTERS = ("draft-a", "draft-b")
-NEW_TOKENS = 8
+NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,7 +85,7 @@ def test_drafter_names_are_directory_names_made_unique():
 
 @pytest.fixture(scope="module")
 def run(smollm, tmp_path_factory):
-    """2 random drafters (seeds 0, 1) x 3 benchmarks x 1 prompt (+ MT-Bench turn 2), greedy, 8 tokens."""
+    """2 random drafters (seeds 0, 1) x 3 benchmarks x 1 prompt (+ MT-Bench turn 2), greedy, 6 tokens."""
     root = tmp_path_factory.mktemp("eval")
     for seed, name in enumerate(DRAFTERS):
         save_drafter(init_drafter(smollm, num_layers=1, block_size=8, seed=seed), root / name)

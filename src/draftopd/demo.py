@@ -17,7 +17,7 @@ from draftopd.training.checkpointing import latest_checkpoint
 class DemoPlan:
     out_dir: str = "runs/demo"
     target: str = "smollm2-135m"
-    train_prompts: str = "gsm8k[:192],sharegpt[:64]"
+    train_prompts: str = "gsm8k[:160],sharegpt[:32]"
     eval_benches: tuple[str, ...] = ("gsm8k[1200:]", "humaneval[100:]", "mt-bench[60:]")
     eval_samples: int = 3
     max_new_tokens: int = 96
@@ -57,7 +57,8 @@ def run_demo(plan: DemoPlan = DemoPlan()) -> dict:
 
     _say(f"1/4 rollouts: the target answers {plan.train_prompts} (greedy, bf16, <= {plan.max_new_tokens} tokens)")
     target = load_target(plan.target, dtype="bf16")
-    settings = RolloutSettings(max_new_tokens=plan.max_new_tokens, batch_size=32, seed=plan.seed)
+    settings = RolloutSettings(max_new_tokens=plan.max_new_tokens, batch_size=32, max_prompt_tokens=256,
+                               seed=plan.seed)
     rollouts = generate_rollouts(target, load_prompts(plan.train_prompts, tokenizer=target.tokenizer),
                                  out / "rollouts", settings, prompt_spec=plan.train_prompts)
 

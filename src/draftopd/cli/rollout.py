@@ -1,8 +1,10 @@
 """`draftopd rollout`: the target answers a prompt set; its responses become drafter training data."""
 
 import argparse
+import os
 import sys
 import time
+from functools import partial
 
 
 def register(sub) -> None:
@@ -26,6 +28,13 @@ def register(sub) -> None:
                    help="chat template thinking switch for targets that have one (Qwen3)")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="target weights (default %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed; batch i uses seed + i (default %(default)s)")
+    s.add_argument("--engine-url", default=None,
+                   help="generate on a running vLLM/SGLang (OpenAI-compatible) server at this URL instead of "
+                        "locally; only the target's tokenizer and config are loaded. An API key is read from "
+                        "$DRAFTOPD_ENGINE_API_KEY")
+    s.add_argument("--engine-model", default=None, help="model id the server serves (default: the --target spec)")
+    s.add_argument("--concurrency", type=int, default=8,
+                   help="requests in flight with --engine-url (default %(default)s)")
     s.set_defaults(func=cmd_rollout)
 
 
@@ -38,11 +47,20 @@ def cmd_rollout(args) -> None:
                                batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
                                thinking=args.thinking, seed=args.seed)
     prompts = load_prompts(args.prompts)  # first: a bad spec fails before the target loads
-    target = load_target(args.target, dtype=args.dtype)
+    if args.engine_url:
+        from draftopd.data.engine import engine_rollouts, target_without_weights
+
+        tokenizer, identity, stop = target_without_weights(args.target)
+        run = partial(engine_rollouts, args.engine_url, args.engine_model or args.target, tokenizer, prompts,
+                      args.out, settings, target_identity=identity, stop_ids=stop, prompt_spec=args.prompts,
+                      concurrency=args.concurrency, api_key=os.environ.get("DRAFTOPD_ENGINE_API_KEY"))
+    else:
+        target = load_target(args.target, dtype=args.dtype)
+        run = partial(generate_rollouts, target, prompts, args.out, settings, prompt_spec=args.prompts)
     before = {r.id for r in read_records(args.out)}
     t0 = time.perf_counter()
     try:
-        out = generate_rollouts(target, prompts, args.out, settings, prompt_spec=args.prompts)
+        out = run()
     except KeyboardInterrupt:
         print(f"\n{len(read_records(args.out))} rollouts are saved in {args.out}; "
               "rerun the same command to resume", file=sys.stderr)

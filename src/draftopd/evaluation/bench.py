@@ -27,11 +27,11 @@ from draftopd.model.target import stop_token_ids, target_identity
 
 SAMPLES, SETTINGS = "samples.jsonl", "settings.json"
 LOOP, HF, DRAFT = "loop", "hf", "draft"  # record methods: target alone (B=1), HF generate, a drafter
-WARMUP_TOKENS = 8
+WARMUP_TOKENS = 4
 
 
 @dataclass
-class Sequence:
+class TokenSequence:
     """What the offline walk reads: prompt + response ids, and where the response starts."""
 
     ids: torch.Tensor
@@ -214,7 +214,7 @@ class Runner:
                 rec["match"] = rec["output_ids"] == base
                 rec["offline_lengths"] = None
                 if B == draft.block_size:  # the walk drafts full blocks of the drafter's own size
-                    seq = Sequence(torch.tensor(prompt_ids + base), len(prompt_ids))
+                    seq = TokenSequence(torch.tensor(prompt_ids + base), len(prompt_ids))
                     rec["offline_lengths"] = offline_walks(draft, self.target.model, [seq])[0].lengths
             log.add(rec)
 
@@ -260,6 +260,28 @@ def _sample_ids(prompt: Prompt) -> list[str]:
     return [prompt.id] + [f"{prompt.id}:turn{t}" for t in range(2, 2 + len(_later_turns(prompt)))]
 
 
+def _run_benchmark(runner: Runner, log: SampleLog, bench: str, prompts: list[Prompt], thinking: bool | None,
+                   progress: bool) -> None:
+    """Every prompt of one benchmark; a later turn's history is the target-alone answer to the
+    turns before it (greedy in greedy runs), so every drafter sees the same conversation."""
+    from tqdm.auto import tqdm
+
+    tok, done = runner.target.tokenizer, []
+    with tqdm(total=sum(len(_sample_ids(p)) for p in prompts), desc=bench, unit="sample", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for p in prompts:
+            messages = p.messages
+            for sample_id, question in zip(_sample_ids(p), [None, *_later_turns(p)]):
+                if question is not None:
+                    answer = tok.decode(log.get(bench, done[-1], LOOP)["output_ids"], skip_special_tokens=True)
+                    messages = messages + [{"role": "assistant", "content": answer.strip()},
+                                           {"role": "user", "content": question}]
+                runner.sample(log, bench, sample_id, apply_chat_template(tok, messages, thinking=thinking))
+                done.append(sample_id)
+                bar.update()
+            bar.set_postfix_str(_running_tau(log, bench, done, runner.drafters))
+
+
 def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, temperature: float = 0.0,
              max_new_tokens: int = 256, block_size: int | None = None, thinking: bool | None = None,
              max_prompt_tokens: int | None = None, seed: int = 0, out_dir="runs/eval", resume: bool = False,
@@ -267,11 +289,10 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, te
     """Evaluate drafters (name -> model, moved to the target's device and dtype) on benchmarks.
 
     Writes samples.jsonl, settings.json, results.json, results.md and plots into `out_dir` and
-    returns the results.json content. Multi-turn prompts (MT-Bench) also run their later turns,
-    with the target-alone answer as history, as samples with id suffix ":turnN".
+    returns the results.json content. Multi-turn prompts (MT-Bench) also run their later turns
+    as samples with id suffix ":turnN". `offline_rollouts` (a rollout directory of this target)
+    adds the exact greedy tau of each drafter on those cached responses, without decoding.
     """
-    from tqdm.auto import tqdm
-
     from draftopd.evaluation.report import write_report
 
     if samples <= 0:
@@ -284,11 +305,12 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, te
         raise DraftOPDError(f"block_size must be at least 2 (1 is the baseline, always run), got {block_size}")
     if not drafters or not benches:
         raise DraftOPDError("need at least one drafter and one benchmark")
+    if len(set(benches)) != len(benches):
+        raise DraftOPDError(f"a benchmark is listed twice: {benches}")
     for name, draft in drafters.items():
         check_drafter(draft, target, name)
         draft.to(device=target.device, dtype=target.dtype).eval()
-    tok = target.tokenizer
-    prompts = {b: load_bench(b, tok, samples, max_prompt_tokens) for b in benches}  # all fail before decoding
+    prompts = {b: load_bench(b, target.tokenizer, samples, max_prompt_tokens) for b in benches}  # fail early
     rollouts = _load_rollouts(offline_rollouts, target) if offline_rollouts else None
 
     sizes = {name: block_size or d.block_size for name, d in drafters.items()}
@@ -299,31 +321,17 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, te
     out.mkdir(parents=True, exist_ok=True)
     log = SampleLog(out, settings, resume)
     runner = Runner(target, drafters, sizes, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-    t0 = time.perf_counter()
     ids = [(b, i) for b in benches for p in prompts[b] for i in _sample_ids(p)]  # this run's samples, in order
     methods = [(LOOP, None), (HF, None)] + [(DRAFT, n) for n in drafters]
+    t0 = time.perf_counter()
     try:
         if any(log.get(b, i, m, n) is None for b, i in ids for m, n in methods):
-            runner.warmup(apply_chat_template(tok, prompts[benches[0]][0].messages, thinking=thinking))
+            runner.warmup(apply_chat_template(target.tokenizer, prompts[benches[0]][0].messages, thinking=thinking))
         for bench in benches:
-            done = []
-            with tqdm(total=sum(len(_sample_ids(p)) for p in prompts[bench]), desc=bench, unit="sample",
-                      disable=not progress, dynamic_ncols=True) as bar:
-                for p in prompts[bench]:
-                    messages = p.messages
-                    for sample_id, question in zip(_sample_ids(p), [None, *_later_turns(p)]):
-                        if question is not None:  # history: the target-alone answer to the previous turn
-                            answer = tok.decode(log.get(bench, done[-1], LOOP)["output_ids"], skip_special_tokens=True)
-                            messages = messages + [{"role": "assistant", "content": answer.strip()},
-                                                   {"role": "user", "content": question}]
-                        runner.sample(log, bench, sample_id, apply_chat_template(tok, messages, thinking=thinking))
-                        done.append(sample_id)
-                        bar.update()
-                    bar.set_postfix_str(_running_tau(log, bench, done, drafters))
+            _run_benchmark(runner, log, bench, prompts[bench], thinking, progress)
     finally:
         log.close()
-    records = [r for b, i in ids for r in (log.get(b, i, LOOP), log.get(b, i, HF),
-                                          *(log.get(b, i, DRAFT, n) for n in drafters))]
+    records = [log.get(b, i, m, n) for b, i in ids for m, n in methods]
     results = {"config": {**settings, "samples": samples, "benchmarks": list(benches), "drafters": sizes,
                           "offline_rollouts": str(offline_rollouts) if offline_rollouts else None,
                           "seconds": time.perf_counter() - t0},
@@ -344,9 +352,9 @@ def _running_tau(log: SampleLog, bench: str, done: list[str], drafters: dict) ->
     return " ".join(parts)
 
 
-def _load_rollouts(path, target) -> list[Sequence]:
+def _load_rollouts(path, target) -> list[TokenSequence]:
     """Cached target rollouts as walkable sequences (checked to come from this target)."""
     from draftopd.data.rollouts import load_rollouts
 
     _, rollouts = load_rollouts(path, expect_target=target_identity(target.model, target.name))
-    return [Sequence(torch.tensor(r.prompt_ids + r.response_ids), len(r.prompt_ids)) for r in rollouts]
+    return [TokenSequence(torch.tensor(r.prompt_ids + r.response_ids), len(r.prompt_ids)) for r in rollouts]

@@ -104,9 +104,9 @@ def _pyplot():
     return plt
 
 
-def _bar_offsets(n: int, width: float = 0.8) -> tuple[list[float], float]:
-    """Centre offsets of n grouped bars within one slot of `width`."""
-    w = width / n
+def _bar_offsets(n: int) -> tuple[list[float], float]:
+    """Centre offsets and width of n grouped bars in a slot of width 1 (narrow when n is small)."""
+    w = min(0.8, 0.3 * n) / n
     return [(i - (n - 1) / 2) * w for i in range(n)], w
 
 
@@ -126,6 +126,7 @@ def plot_acceptance_histogram(results: dict, path) -> None:
         ax.set_xlabel("tokens committed per step (accepted drafts + 1)")
         ax.set_ylabel("% of steps")
         ax.set_xticks(range(1, B + 1))
+        ax.set_xlim(0.4, B + 0.6)
         ax.set_ylim(0, 105)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars may reach 100%
     fig.tight_layout()
@@ -137,7 +138,8 @@ def plot_offset_acceptance(results: dict, path) -> None:
     """One panel per benchmark: how often the draft at block offset k is accepted, a line per drafter."""
     plt = _pyplot()
     summary, benches = results["summary"], results["config"]["benchmarks"]
-    fig, axes = plt.subplots(1, len(benches), figsize=(4.2 * len(benches), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(benches), figsize=(max(7.5, 4.2 * len(benches)), 3.6), squeeze=False,
+                             sharey=True)
     for ax, b in zip(axes[0], benches):
         for i, (name, per) in enumerate(summary.items()):  # markers and dashes keep equal lines visible
             rates = per[b]["offset_acceptance"]
@@ -174,6 +176,7 @@ def plot_tau_speedup(results: dict, path) -> None:
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.set_xticks(range(len(benches)), benches)
+        ax.set_xlim(-0.6, len(benches) - 0.4)  # one slot per benchmark, however few bars
         ax.margins(y=0.15)
     fig.legend(*ax_tau.get_legend_handles_labels(), loc="upper center", ncol=min(len(summary), 4), fontsize=9)
     rows = -(-len(summary) // 4)
