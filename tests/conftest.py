@@ -2,11 +2,13 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from transformers.utils import logging as hf_logging
 
+from draftopd.data.rollouts import Rollout, write_rollouts
 from draftopd.model.checkpoint import build_config
 from draftopd.model.drafter import DFlashDraftModel
+from draftopd.model.target import load_target, resolve_target, target_identity
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -47,3 +49,27 @@ def smol_drafter(smollm):
     from draftopd.model.checkpoint import init_drafter
 
     return init_drafter(smollm, num_layers=1, block_size=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama saved with the SmolLM2 tokenizer (ids used stay < 160)."""
+    d = tmp_path_factory.mktemp("tiny-target")
+    tiny_target("llama").save_pretrained(d)
+    AutoTokenizer.from_pretrained(resolve_target("smollm2-135m")).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_rollouts(tiny_dir, tmp_path_factory):
+    """Greedy continuations by the tiny target itself, so the text is on the target's policy."""
+    target = load_target(str(tiny_dir))
+    g = torch.Generator().manual_seed(0)
+    rollouts = []
+    for i in range(12):
+        prompt = torch.randint(20, 150, (1, 6), generator=g)
+        out = target.model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+        rollouts.append(Rollout(f"t:{i}", prompt[0].tolist(), out[0, 6:].tolist(), "length"))
+    d = tmp_path_factory.mktemp("tiny-rollouts")
+    write_rollouts(d, {"target": target_identity(target.model, target.name)}, rollouts)
+    return d

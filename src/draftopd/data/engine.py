@@ -28,12 +28,13 @@ from urllib.parse import urlsplit
 from tqdm.auto import tqdm
 
 from draftopd.data.prompts import Prompt, apply_chat_template
-from draftopd.data.rollouts import (FORMAT, META, RECORDS, Rollout, RolloutSettings, _append, _problem,
+from draftopd.data.rollouts import (FINISH_REASONS, FORMAT, META, RECORDS, Rollout, RolloutSettings, _append, _problem,
                                     _read_meta, _start_or_resume, _write_json)
 from draftopd.errors import DraftOPDError
 from draftopd.model.target import EMBEDDED, resolve_target, stop_token_ids, target_identity
 
 MAX_SLEEP = 30.0  # cap on one backoff pause, seconds
+_TOKENIZER_LOCK = threading.Lock()  # fast tokenizers can fail ("Already borrowed") when shared by threads
 
 
 class _Client:
@@ -104,7 +105,7 @@ def _error_message(data: bytes) -> str:
     return data[:200].decode("utf-8", "replace").strip() or "(empty body)"
 
 
-def served_models(client: _Client) -> list[str]:
+def _served_models(client: _Client) -> list[str]:
     answer = client.request("GET", "/v1/models", what="GET /v1/models")
     data = answer.get("data") if isinstance(answer, dict) else None
     if not isinstance(data, list):
@@ -124,10 +125,11 @@ def response_ids(choice: dict, tokenizer) -> tuple[list[int], bool]:
             return [int(t.removeprefix("token_id:")) for t in tokens], True
         except ValueError:
             pass
-    return list(tokenizer.encode(choice.get("text") or "", add_special_tokens=False)), False
+    with _TOKENIZER_LOCK:
+        return list(tokenizer.encode(choice.get("text") or "", add_special_tokens=False)), False
 
 
-def finish(ids: list[int], reason: str | None, matched, stop: list[int]) -> tuple[list[int], str]:
+def finish(ids: list[int], reason: str, matched, stop: list[int]) -> tuple[list[int], str]:
     """(ids, finish_reason) in the local convention: a stopped response ends with its EOS.
 
     Engines may leave the EOS out (SGLang trims a matched stop; text never shows it), so a
@@ -137,7 +139,7 @@ def finish(ids: list[int], reason: str | None, matched, stop: list[int]) -> tupl
         return ids, "stop"
     if reason == "stop" and stop:
         return ids + [matched if matched in stop else stop[0]], "stop"
-    return ids, "stop" if reason == "stop" else "length"
+    return ids, reason
 
 
 def _request_body(model_name: str, prompt_ids: list[int], settings: RolloutSettings, stop: list[int],
@@ -172,6 +174,9 @@ def _complete(client: _Client, model_name: str, prompt: Prompt, prompt_ids: list
     if isinstance(echoed, list) and echoed and echoed != prompt_ids:
         raise DraftOPDError(f"server at {client.url} changed the prompt tokens of {what} "
                             f"({len(prompt_ids)} sent, {len(echoed)} used); is a completion template configured?")
+    if choice.get("finish_reason") not in FINISH_REASONS:  # e.g. SGLang's "abort": not a whole response
+        raise DraftOPDError(f"server at {client.url} ended {what} with finish_reason "
+                            f"{choice.get('finish_reason')!r}; rerun to resume")
     ids, exact = response_ids(choice, tokenizer)
     ids, reason = finish(ids, choice.get("finish_reason"), choice.get("matched_stop", choice.get("stop_reason")),
                          stop)
@@ -198,7 +203,7 @@ def engine_rollouts(base_url: str, model_name: str, tokenizer, prompts: list[Pro
                             f"{concurrency}, {retries}, {timeout}, {backoff}")
     stopping = threading.Event()
     client = _Client(base_url, timeout=timeout, retries=retries, backoff=backoff, api_key=api_key, stopping=stopping)
-    served = served_models(client)
+    served = _served_models(client)
     if model_name not in served:
         raise DraftOPDError(f"server at {client.url} serves {', '.join(map(repr, served)) or 'no model'}, "
                             f"not the configured target {model_name!r}")
@@ -230,14 +235,13 @@ def engine_rollouts(base_url: str, model_name: str, tokenizer, prompts: list[Pro
     tokens, t0 = 0, time.perf_counter()
     try:
         pending = {pool.submit(_complete, client, model_name, p, prompt_ids[p.id], settings, stop, seeds[p.id],
-                               tokenizer, vocab_size): p.id for p in todo}
+                               tokenizer, vocab_size) for p in todo}
         with open(out / RECORDS, "ab") as f, tqdm(total=len(prompt_ids), initial=len(prompt_ids) - len(todo),
                                                   unit="prompt", desc="rollouts", disable=not progress) as bar:
             while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 results, error = [], None
                 for future in finished:
-                    del pending[future]
                     try:
                         results.append(future.result())
                     except DraftOPDError as e:
@@ -271,7 +275,8 @@ def target_without_weights(spec: str) -> tuple[object, dict, list[int]]:
         tokenizer = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise DraftOPDError(f"target {spec!r}: could not load its tokenizer/config ({str(e).splitlines()[0]})") from None
+        raise DraftOPDError(f"target {spec!r}: could not load its tokenizer/config "
+                            f"({str(e).splitlines()[0]})") from None
     try:
         generation = GenerationConfig.from_pretrained(path)
     except OSError:  # no generation_config.json: the tokenizer's EOS alone

@@ -3,7 +3,8 @@
 It speaks the subset of the vLLM/SGLang API that `engine_rollouts` uses: `GET /v1/models` and
 greedy `POST /v1/completions` with a token-id prompt, answering with text and `token_ids`.
 Requests are served one at a time (the model is not thread-safe, and a CPU has nothing to gain
-from overlapping them). `drop_every=N` closes the connection without an answer on every Nth
+from overlapping them); greedy answers are deterministic, so recent ones are cached and a client
+retrying an answer it lost costs nothing. `drop_every=N` closes the connection without an answer on every Nth
 completion, after computing it, to test that clients neither lose nor duplicate work.
 
     python -m draftopd.data.engine_server --target smollm2-135m --port 8011
@@ -16,6 +17,7 @@ import json
 import sys
 import threading
 import time
+from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from draftopd.data.rollouts import RolloutSettings, _generate, _generation_config
@@ -23,6 +25,7 @@ from draftopd.errors import DraftOPDError
 from draftopd.model.target import stop_token_ids
 
 HOST = "127.0.0.1"  # never reachable from other machines
+CACHE_SIZE = 1024  # answers kept, most recently used first
 
 
 class _BadRequest(Exception):
@@ -38,6 +41,7 @@ class EngineServer:
         self.stop = stop_token_ids(tokenizer, model)
         self.completions = 0  # completion requests received, dropped ones included
         self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple, list[int]] = OrderedDict()  # (prompt, max_tokens, stop) -> response ids
         self._httpd = ThreadingHTTPServer((HOST, port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.engine = self
@@ -85,13 +89,11 @@ class EngineServer:
             raise _BadRequest("only greedy decoding is supported: set 'temperature' to 0")
         if body.get("n", 1) != 1 or body.get("stream"):
             raise _BadRequest("only n=1 without streaming is supported")
-        stop = body.get("stop_token_ids") or self.stop
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop[0]
+        stop = sorted(body.get("stop_token_ids") or self.stop)
         with self._lock:
             self.completions += 1
             number = self.completions
-            config = _generation_config(RolloutSettings(max_new_tokens=max_tokens), stop, pad_id)
-            ids = _generate(self.model, [prompt], config, pad_id, set(stop))[0]
+            ids = self._greedy(prompt, max_tokens, stop)
         choice = {"index": 0, "text": self.tokenizer.decode(ids, skip_special_tokens=True), "logprobs": None,
                   "finish_reason": "stop" if ids[-1] in stop else "length"}
         if body.get("return_token_ids"):
@@ -101,6 +103,19 @@ class EngineServer:
                   "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(ids),
                             "total_tokens": len(prompt) + len(ids)}}
         return answer, bool(self.drop_every) and number % self.drop_every == 0
+
+    def _greedy(self, prompt: list[int], max_tokens: int, stop: list[int]) -> list[int]:
+        key = (tuple(prompt), max_tokens, tuple(stop))
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (stop or [0])[0]
+        config = _generation_config(RolloutSettings(max_new_tokens=max_tokens), stop, pad_id)
+        ids = _generate(self.model, [prompt], config, pad_id, set(stop))[0]
+        self._cache[key] = ids
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return ids
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -1,8 +1,10 @@
-"""Trainer checkpoints: a drafter in the reference format plus optimizer/scheduler state.
+"""Trainer checkpoints: the drafter in the reference format plus sharded optimizer state.
 
-`step-N/` is written in a temporary directory and renamed into place, then the `latest`
-pointer file is replaced atomically: a kill at any moment leaves the previous checkpoint
-as "latest", never a half-written one.
+`step-N/` holds `drafter/` (reference DFlash directory, full weights), `state/` (model and
+optimizer through torch.distributed.checkpoint, so a run saved at world size N resumes at
+any world size) and `trainer.json` (step, scheduler). It is assembled in a temporary
+directory and renamed into place, then the `latest` pointer is replaced atomically: a kill
+at any moment leaves the previous checkpoint as "latest", never a half-written one.
 """
 
 import json
@@ -10,29 +12,54 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from draftopd.errors import DraftOPDError
-from draftopd.model.checkpoint import load_drafter, save_drafter
+from draftopd.model.checkpoint import save_drafter
+from draftopd.model.drafter import DFlashDraftModel
+from draftopd.training import parallel
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save_checkpoint(out_dir, step: int, draft, optimizer, scheduler, extra: dict, keep_last: int = 2) -> Path:
+def export_drafter(model, out: Path, ctx: parallel.Context) -> None:
+    """Write the (possibly sharded) drafter as one reference-format directory, from rank 0."""
+    if ctx.world == 1:
+        save_drafter(model, out)
+        return
+    state = parallel.full_state_dict(model)
+    if ctx.is_main:
+        plain = DFlashDraftModel(model.config)
+        plain.load_state_dict(state)
+        save_drafter(plain, out)
+
+
+def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, extra: dict, ctx: parallel.Context,
+                    keep_last: int = 2) -> Path:
     root = checkpoint_root(out_dir)
     final = root / f"step-{step:07d}"
-    save_drafter(draft, final / "drafter")
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **extra}
-    tmp = final / "trainer_state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, final / "trainer_state.pt")
-    pointer = root / "latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
-    for old in sorted(root.glob("step-*"))[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = root / f".step-{step:07d}.tmp"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    parallel.barrier(ctx)
+    export_drafter(model, tmp / "drafter", ctx)
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))
+    if ctx.is_main:
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
+                                                      "world_size": ctx.world, **extra}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / "latest")
+        for old in sorted(root.glob("step-*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    parallel.barrier(ctx)
     return final
 
 
@@ -41,22 +68,26 @@ def latest_checkpoint(out_dir) -> Path | None:
     if not pointer.exists():
         return None
     path = checkpoint_root(out_dir) / pointer.read_text().strip()
-    if not (path / "trainer_state.pt").exists():
-        raise DraftOPDError(f"{pointer} points to {path}, which has no trainer_state.pt")
+    if not (path / "trainer.json").exists() or not (path / "drafter").is_dir():
+        raise DraftOPDError(f"{pointer} points to {path}, which is not a complete checkpoint")
     return path
 
 
-def load_checkpoint(path: Path, device: str = "cpu"):
-    """-> (drafter, trainer state dict)."""
-    draft = load_drafter(path / "drafter", device=device)
+def load_trainer_state(path: Path, model, optimizer) -> dict:
+    """Restore model and optimizer (resharded to this world size); return trainer.json."""
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
     try:
-        state = torch.load(path / "trainer_state.pt", map_location=device, weights_only=False)
-    except Exception as e:  # a corrupted file: say which
-        raise DraftOPDError(f"{path / 'trainer_state.pt'}: unreadable ({type(e).__name__})") from None
-    return draft, state
+        dcp.load(state, checkpoint_id=str(path / "state"))
+    except Exception as e:
+        raise DraftOPDError(f"{path / 'state'}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads((path / "trainer.json").read_text())
 
 
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+

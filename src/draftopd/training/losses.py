@@ -5,7 +5,6 @@ is ~7.7K x V floats, so every loss here walks rows in chunks and recomputes each
 logits in backward (activation checkpointing) instead of keeping [rows, V] alive.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +61,6 @@ def implied_tau(per_offset_acc: list[float]) -> float:
         run *= a
         tau += run
     return tau
-
-
-def is_finite(x: torch.Tensor) -> bool:
-    return bool(torch.isfinite(x).all()) and not math.isnan(float(x))
 
 
 def _kl_chunk(student_h, teacher_h, head_weight, forward, temperature):

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from draftopd.decoding.speculative import _cache_kwarg, spec_generate
 from draftopd.model.drafter import context_features
+from draftopd.training import parallel
 from draftopd.training.anchors import random_anchors
 from draftopd.training.blocks import block_sparse_mask, replay
 from draftopd.training.losses import kl_rows, offset_weights, sampled_terms
@@ -54,8 +55,8 @@ def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: to
 class OPDStep:
     """Callable (batch, generator) -> (loss, stats) for the trainer."""
 
-    def __init__(self, cfg, draft, target):
-        self.cfg, self.o, self.draft, self.target = cfg, cfg.opd, draft, target
+    def __init__(self, cfg, draft, target, ctx: parallel.Context = parallel.Context()):
+        self.cfg, self.o, self.draft, self.target, self.ctx = cfg, cfg.opd, draft, target, ctx
         self.live: dict[int, tuple] = {}  # live mode: sequence index -> (ids, prompt_len, anchors, r, refresh id)
         self.updates = 0
         eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
@@ -100,7 +101,8 @@ class OPDStep:
         device = next(target.parameters()).device
         B = draft.block_size
         if o.rollout_mode == "live":
-            batch = self._refresh_live(batch)
+            with parallel.gathered(draft, self.ctx):
+                batch = self._refresh_live(batch)
         ids, lengths = batch.input_ids.to(device), batch.lengths.to(device)
         b, n = ids.shape
         cache = DynamicCache(config=target.config)
@@ -122,7 +124,8 @@ class OPDStep:
         else:
             was_training = draft.training
             draft.eval()
-            anchor_lists, r_lists = self._anchors(batch, feats, ids, gen)
+            with parallel.gathered(draft, self.ctx):
+                anchor_lists, r_lists = self._anchors(batch, feats, ids, gen)
             draft.train(was_training)
         m = max(1, max(len(a) for a in anchor_lists))
         anchors = torch.zeros(b, m, dtype=torch.long, device=device)

@@ -1,7 +1,8 @@
-"""Process-group plumbing for `torchrun`: one process when launched plainly, N when launched by torchrun.
+"""Process-group plumbing for `torchrun`: one process when launched plainly, N under torchrun.
 
-The same code runs gloo on CPU and nccl on GPU. The frozen target is replicated; the
-drafter's gradients are averaged across ranks; data is sharded by rank (see BatchPlan).
+The drafter is sharded with FSDP2 (`fully_shard`, per decoder layer and at the root); the
+frozen target is replicated on every rank; data is sharded by rank (see BatchPlan). The same
+code runs gloo on CPU and nccl on GPU.
 """
 
 import contextlib
@@ -31,37 +32,84 @@ def init() -> Context:
     return Context(dist.get_rank(), dist.get_world_size())
 
 
-def wrap(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, ctx: Context, bf16: bool = False) -> torch.nn.Module:
+    """Shard the drafter over ranks; bf16 compute with fp32 gradient reduction when asked."""
     if ctx.world == 1:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model, ctx: Context):
+    """Full drafter weights on every rank for a while: forwards inside run no collectives.
+
+    The no-grad anchor walk and live decoding make a data-dependent number of drafter calls
+    per rank; sharded forwards would then wait on each other forever. Every rank must enter.
+    """
+    if ctx.world == 1:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_reshard_after_forward(False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
 
 
 def no_sync(model, ctx: Context, last: bool):
-    """Skip the gradient all-reduce on all but the last accumulation micro-batch."""
-    if ctx.world > 1 and not last:
-        return model.no_sync()
+    """Reduce gradients only on the last accumulation micro-batch."""
+    if ctx.world > 1:
+        model.set_requires_gradient_sync(last)
     return contextlib.nullcontext()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def all_finite(model, ctx: Context) -> bool:
     """True when every rank's gradients are finite (a NaN step is skipped everywhere)."""
-    ok = torch.tensor(1.0)
-    for p in model.parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            ok = torch.tensor(0.0)
-            break
-    if ctx.world > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item() > 0)
+    ok = all(torch.isfinite(_local(p.grad)).all() for p in model.parameters() if p.grad is not None)
+    return min_over_ranks(float(ok), ctx) > 0
 
 
-def save(fn, ctx: Context) -> None:
-    if ctx.is_main:
-        fn()
-    barrier(ctx)
+def mean_over_ranks(x: float, ctx: Context) -> float:
+    if ctx.world == 1:
+        return x
+    t = torch.tensor(x, dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / ctx.world
+
+
+def min_over_ranks(x: float, ctx: Context) -> float:
+    if ctx.world == 1:
+        return x
+    t = torch.tensor(x, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t)
 
 
 def barrier(ctx: Context) -> None:
     if ctx.world > 1:
         dist.barrier()
+
+
+def full_state_dict(model) -> dict:
+    """The unsharded drafter weights (on every rank's CPU), for the reference-format export."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

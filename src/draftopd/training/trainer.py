@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 from draftopd.data.rollouts import load_rollouts
 from draftopd.errors import DraftOPDError
 from draftopd.evaluation.offline import offline_tau
-from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_drafter, save_drafter
+from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_drafter
 from draftopd.model.target import load_target, target_identity
 from draftopd.training import parallel
-from draftopd.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from draftopd.training.checkpointing import (export_drafter, latest_checkpoint, load_trainer_state, save_checkpoint,
+                                             write_json_atomic)
 from draftopd.training.config import TrainConfig
 from draftopd.training.data import BatchPlan, build_sequences, split_heldout
-from draftopd.training.losses import implied_tau, is_finite
+from draftopd.training.losses import implied_tau
 from draftopd.training.metrics import MetricsLog
 
 
@@ -83,7 +84,7 @@ class Accumulator:
         return rec
 
 
-def build_step(cfg: TrainConfig, draft, target, held: list):
+def build_step(cfg: TrainConfig, draft, target, ctx: parallel.Context):
     """The per-micro-batch loss for the configured method: (batch, generator) -> (loss, stats)."""
     if cfg.method == "sft":
         from draftopd.training.sft import sft_loss
@@ -105,19 +106,18 @@ def build_step(cfg: TrainConfig, draft, target, held: list):
         return step
     from draftopd.training.opd import OPDStep
 
-    return OPDStep(cfg, draft, target)
+    return OPDStep(cfg, draft, target, ctx)
 
 
 def _prepare_drafter(cfg: TrainConfig, target, resume_from: Path | None):
     if resume_from is not None:
-        draft, state = load_checkpoint(resume_from, device=cfg.device)
+        draft = load_drafter(resume_from / "drafter", device=cfg.device)
     elif cfg.draft.init:
-        draft, state = load_drafter(cfg.draft.init, device=cfg.device), None
+        draft = load_drafter(cfg.draft.init, device=cfg.device)
     else:
         draft = init_drafter(target, num_layers=cfg.draft.num_layers, block_size=cfg.draft.block_size,
                              target_layer_ids=cfg.draft.target_layer_ids, mask_token_id=cfg.draft.mask_token_id,
-                             seed=cfg.seed)
-        state = None
+                             seed=cfg.seed).to(cfg.device)
     if draft.block_size != cfg.draft.block_size:
         raise DraftOPDError(f"block size mismatch: drafter {cfg.draft.init or resume_from} has block_size "
                             f"{draft.block_size}, config draft.block_size is {cfg.draft.block_size}")
@@ -125,7 +125,7 @@ def _prepare_drafter(cfg: TrainConfig, target, resume_from: Path | None):
     recorded = drafter_target_name(draft)
     if recorded and recorded != target.name:
         raise DraftOPDError(f"drafter was built for target {recorded!r}, not {target.name!r}")
-    return draft.float().train(), state
+    return draft.float().train()
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
@@ -143,10 +143,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     _, rollouts = load_rollouts(cfg.data.rollouts, expect_target=target_identity(target.model, target.name))
     seqs = build_sequences(rollouts, cfg.data.max_length)
     train_seqs, held = split_heldout(seqs, cfg.data.eval_fraction, cfg.seed)
-    draft, state = _prepare_drafter(cfg, target, ckpt if resume else None)
+    draft = _prepare_drafter(cfg, target, ckpt if resume else None)
     if cfg.gradient_checkpointing:
         draft.gradient_checkpointing_enable()
-    model = parallel.wrap(draft, ctx)
+    model = parallel.wrap(draft, ctx, bf16=cfg.bf16)
 
     plan = BatchPlan(train_seqs, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.per_epoch / cfg.grad_accum))
@@ -154,15 +154,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                             betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio))
     start, skipped = 0, 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
+    if resume:
+        state = load_trainer_state(ckpt, model, opt)
         sched.load_state_dict(state["scheduler"])
         start, skipped = state["step"], state.get("skipped_steps", 0)
     if ctx.is_main:
         write_json_atomic(out / "config.json", cfg.model_dump())
     log = MetricsLog(out, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, project=cfg.log.wandb_project,
                      config=cfg.model_dump(), resume_step=start, enabled=ctx.is_main)
-    step_fn = build_step(cfg, draft, target.model, held)
+    step_fn = build_step(cfg, model, target.model, ctx)
     acc = Accumulator()
     t_start = time.time()
     bar = tqdm(total=total, initial=start, desc=f"{cfg.method} train", disable=not (cfg.log.progress and ctx.is_main),
@@ -178,8 +178,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                 with autocast, parallel.no_sync(model, ctx, last=micro == cfg.grad_accum - 1):
                     loss, stats = step_fn(batch, gen)
                     (loss / cfg.grad_accum).backward()
-                if is_finite(loss.detach()):
-                    acc.add(float(loss.detach()), stats, batch.num_tokens * ctx.world)
+                loss_value = parallel.mean_over_ranks(float(loss.detach()), ctx)
+                if math.isfinite(loss_value):
+                    acc.add(loss_value, stats, batch.num_tokens * ctx.world)
             grads_ok = parallel.all_finite(model, ctx)
             if grads_ok:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -197,31 +198,27 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                 bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}",
                                 tau=f"{rec.get('tau_prefix', rec.get('tau_walk', 0)):.2f}")
                 acc.reset()
-            if cfg.log.eval_every and step % cfg.log.eval_every == 0 and held and ctx.is_main:
-                log.log(step, {"heldout_tau": offline_tau(_unwrap(model).eval(), target.model, held)["tau"]})
-                _unwrap(model).train()
+            if cfg.log.eval_every and step % cfg.log.eval_every == 0 and held:
+                with parallel.gathered(model, ctx):
+                    if ctx.is_main:
+                        log.log(step, {"heldout_tau": offline_tau(model.eval(), target.model, held)["tau"]})
+                model.train()
             timed_out = cfg.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.max_minutes
             if step % cfg.log.save_every == 0 or step == total or timed_out:
-                parallel.save(lambda: save_checkpoint(out, step, _unwrap(model), opt, sched,
-                                                      {"skipped_steps": skipped}, cfg.log.keep_last), ctx)
+                save_checkpoint(out, step, model, opt, sched, {"skipped_steps": skipped}, ctx, cfg.log.keep_last)
             if timed_out:
                 break
     finally:
         bar.close()
     heldout = None
     final = out / "final"
+    export_drafter(model, final, ctx)
     if ctx.is_main:
-        draft = _unwrap(model).eval()
-        save_drafter(draft, final)
         if held:
-            heldout = offline_tau(draft, target.model, held)
+            heldout = offline_tau(load_drafter(final, device=cfg.device), target.model, held)
             log.log(step, {"heldout_tau": heldout["tau"]})
         write_json_atomic(out / "summary.json", {"steps": step, "skipped_steps": skipped, "heldout": heldout,
                                                   "final_drafter": str(final), "wall_s": time.time() - t_start})
     log.close()
     parallel.barrier(ctx)
     return TrainResult(out, final, step, skipped, heldout)
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)
