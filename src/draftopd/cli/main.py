@@ -55,9 +55,18 @@ def cmd_generate(args) -> None:
     tok = target.tokenizer
     ids = torch.tensor([apply_chat_template(tok, [{"role": "user", "content": args.prompt}], thinking=args.thinking)])
     gen = torch.Generator().manual_seed(args.seed)
+    streamed: list[int] = []
+    shown = [""]
+
+    def stream(new_ids: list[int]) -> None:  # print the text as blocks are committed
+        streamed.extend(new_ids)
+        text = tok.decode(streamed, skip_special_tokens=True)
+        print(text[len(shown[0]):], end="", flush=True)
+        shown[0] = text
+
     res = spec_generate(draft, target, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, stop_token_ids=stop_token_ids(tok, target.model),
-                        block_size=args.block_size, generator=gen)
+                        block_size=args.block_size, generator=gen, on_tokens=None if args.json else stream)
     new = res.output_ids[0, res.num_input_tokens:].tolist()
     text = tok.decode(new, skip_special_tokens=True)
     tps = 1 / res.time_per_output_token if res.time_per_output_token else 0.0
@@ -67,7 +76,7 @@ def cmd_generate(args) -> None:
                           "num_output_tokens": res.num_output_tokens, "time_to_first_token": res.time_to_first_token,
                           "time_per_output_token": res.time_per_output_token}))
         return
-    print(text)
+    print()
     print(f"\n[tau={res.tau:.2f} over {len(res.acceptance_lengths)} verify steps | {res.num_output_tokens} tokens "
           f"| {tps:.1f} tok/s | ttft {res.time_to_first_token * 1000:.0f} ms]", file=sys.stderr)
 

@@ -74,7 +74,9 @@ def spec_generate(
     stop_token_ids: list[int] | None = None,
     block_size: int | None = None,
     generator: torch.Generator | None = None,
+    on_tokens=None,
 ) -> SpecResult:
+    """Decode up to `max_new_tokens` after `input_ids` [1, n]; `on_tokens(list[int])` streams each commit."""
     target = _as_model(target)
     B = draft.block_size if block_size is None else int(block_size)
     if max_new_tokens is None or max_new_tokens <= 0:
@@ -115,6 +117,8 @@ def spec_generate(
     o = target(input_ids=input_ids, position_ids=positions[None, :n_in], **{kw: target_cache},
                use_cache=True, output_hidden_states=B > 1, logits_to_keep=1)
     out[n_in] = choose(o.logits[0, -1:])[0][0]
+    if on_tokens is not None:
+        on_tokens([int(out[n_in])])
     pending = context_features(o.hidden_states, draft.target_layer_ids) if B > 1 else None  # [1, n, L*H]
     t1 = _now(device)
 
@@ -153,6 +157,8 @@ def spec_generate(
                 produced, stopped = int(hit[0, 0]) + 1, True
         if size > 1:
             pending = context_features(o.hidden_states, draft.target_layer_ids)[:, :produced]
+        if on_tokens is not None:
+            on_tokens(out[start + 1 : start + 1 + produced].tolist())
         start += produced
         crop_cache(target_cache, start)
         result.acceptance_lengths.append(produced)
