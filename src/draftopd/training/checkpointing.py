@@ -2,7 +2,7 @@
 
 `step-N/` holds `drafter/` (reference DFlash directory, full weights), `state/` (model and
 optimizer through torch.distributed.checkpoint, so a run saved at world size N resumes at
-any world size) and `trainer.json` (step, scheduler). It is assembled in a temporary
+any world size) and `trainer.json` (step, elapsed time). It is assembled in a temporary
 directory and renamed into place, then the `latest` pointer is replaced atomically: a kill
 at any moment leaves the previous checkpoint as "latest", never a half-written one.
 """
@@ -37,7 +37,7 @@ def export_drafter(model, out: Path, ctx: parallel.Context) -> None:
         save_drafter(plain, out)
 
 
-def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, extra: dict, ctx: parallel.Context,
+def save_checkpoint(out_dir, step: int, model, optimizer, extra: dict, ctx: parallel.Context,
                     keep_last: int = 2) -> Path:
     root = checkpoint_root(out_dir)
     final = root / f"step-{step:07d}"
@@ -50,8 +50,7 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, extra: dict
     msd, osd = get_state_dict(model, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "state"))
     if ctx.is_main:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
-                                                      "world_size": ctx.world, **extra}))
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "world_size": ctx.world, **extra}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer = root / "latest.tmp"

@@ -1,7 +1,8 @@
 """The training loop shared by SFT and Draft-OPD: thin, with the math in sft.py / opd.py.
 
-Resume is exact: batches and anchors are pure functions of (seed, micro-batch index), and
-the optimizer/scheduler state comes from the last atomic checkpoint.
+Resume is exact: batches and anchors are pure functions of (seed, micro-batch index), the
+learning rate a function of the step, and the optimizer state comes from the last atomic
+checkpoint. (Wall-time-budgeted runs schedule by time spent, which no resume can replay.)
 """
 
 import math
@@ -35,16 +36,35 @@ class TrainResult:
     heldout: dict | None
 
 
-def lr_lambda(total: int, warmup_ratio: float, min_ratio: float):
-    warmup = int(total * warmup_ratio)
+def lr_factor(progress: float, warmup_ratio: float, min_ratio: float) -> float:
+    """Linear warmup then cosine decay to min_ratio, over training progress in [0, 1]."""
+    if progress < warmup_ratio:
+        return max(progress / warmup_ratio, 1e-3)
+    t = (progress - warmup_ratio) / max(1e-9, 1 - warmup_ratio)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    return f
+class Schedule:
+    """Learning rate by progress: steps done / total, or, for a wall-time budget
+    (`max_minutes` without `max_steps`), the larger of that and the share of time spent."""
+
+    def __init__(self, opt, cfg: TrainConfig, total: int, elapsed_s: float = 0.0):
+        self.opt, self.cfg, self.total = opt, cfg, total
+        self.budget_s = cfg.max_minutes * 60 if cfg.max_minutes and not cfg.max_steps else None
+        self.t0 = time.time() - elapsed_s
+        self.base = [cfg.optim.lr for _ in opt.param_groups]
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def set(self, step: int) -> float:
+        progress = step / self.total
+        if self.budget_s:
+            progress = max(progress, self.elapsed() / self.budget_s)
+        f = lr_factor(progress, self.cfg.optim.warmup_ratio, self.cfg.optim.min_lr_ratio)
+        for g, base in zip(self.opt.param_groups, self.base):
+            g["lr"] = base * f
+        return self.opt.param_groups[0]["lr"]
 
 
 def micro_seed(seed: int, i: int) -> int:
@@ -152,25 +172,25 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * plan.per_epoch / cfg.grad_accum))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                             betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio))
+    elapsed = 0.0
     start, skipped = 0, 0
     if resume:
         state = load_trainer_state(ckpt, model, opt)
-        sched.load_state_dict(state["scheduler"])
-        start, skipped = state["step"], state.get("skipped_steps", 0)
+        start, skipped, elapsed = state["step"], state.get("skipped_steps", 0), state.get("elapsed_s", 0.0)
+    sched = Schedule(opt, cfg, total, elapsed)
     if ctx.is_main:
         write_json_atomic(out / "config.json", cfg.model_dump())
     log = MetricsLog(out, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, project=cfg.log.wandb_project,
                      config=cfg.model_dump(), resume_step=start, enabled=ctx.is_main)
     step_fn = build_step(cfg, model, target.model, ctx)
     acc = Accumulator()
-    t_start = time.time()
-    bar = tqdm(total=total, initial=start, desc=f"{cfg.method} train", disable=not (cfg.log.progress and ctx.is_main),
+    bar = tqdm(total=None if sched.budget_s else total, initial=start, desc=f"{cfg.method} train", disable=not (cfg.log.progress and ctx.is_main),
                dynamic_ncols=True)
     autocast = torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
     step = start
     try:
         while step < total:
+            lr = sched.set(step)
             for micro in range(cfg.grad_accum):
                 i = step * cfg.grad_accum + micro
                 batch = plan.micro_batch(i)
@@ -188,12 +208,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             else:
                 skipped += 1
             opt.zero_grad(set_to_none=True)
-            sched.step()
             step += 1
             bar.update(1)
             if step % cfg.log.every == 0 or step == total:
                 rec = acc.summary()
-                rec.update(lr=sched.get_last_lr()[0], skipped_steps=skipped)
+                rec.update(lr=lr, skipped_steps=skipped)
                 log.log(step, rec)
                 bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3f}",
                                 tau=f"{rec.get('tau_prefix', rec.get('tau_walk', 0)):.2f}")
@@ -203,9 +222,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                     if ctx.is_main:
                         log.log(step, {"heldout_tau": offline_tau(model.eval(), target.model, held)["tau"]})
                 model.train()
-            timed_out = cfg.max_minutes is not None and (time.time() - t_start) / 60 >= cfg.max_minutes
+            timed_out = cfg.max_minutes is not None and sched.elapsed() / 60 >= cfg.max_minutes
             if step % cfg.log.save_every == 0 or step == total or timed_out:
-                save_checkpoint(out, step, model, opt, sched, {"skipped_steps": skipped}, ctx, cfg.log.keep_last)
+                save_checkpoint(out, step, model, opt, {"skipped_steps": skipped, "elapsed_s": sched.elapsed()}, ctx,
+                                cfg.log.keep_last)
             if timed_out:
                 break
     finally:
@@ -218,7 +238,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             heldout = offline_tau(load_drafter(final, device=cfg.device), target.model, held)
             log.log(step, {"heldout_tau": heldout["tau"]})
         write_json_atomic(out / "summary.json", {"steps": step, "skipped_steps": skipped, "heldout": heldout,
-                                                  "final_drafter": str(final), "wall_s": time.time() - t_start})
+                                                  "final_drafter": str(final), "wall_s": sched.elapsed()})
     log.close()
     parallel.barrier(ctx)
     return TrainResult(out, final, step, skipped, heldout)
