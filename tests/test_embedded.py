@@ -244,8 +244,6 @@ def test_bad_input_exits_2_with_one_line(case, draft_dir, foreign_draft_dir, tmp
     assert captured.out == ""
 
 
-@pytest.mark.xfail(reason="load_target catches only OSError; a folder without a model raises ValueError "
-                          "from the tokenizer loader (src/draftopd/model/target.py)", raises=ValueError)
 def test_target_dir_without_model_exits_2(draft_dir, tmp_path, capsys):
     empty = tmp_path / "not-a-model"
     empty.mkdir()

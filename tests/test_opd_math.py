@@ -69,3 +69,22 @@ def test_sampled_estimators_are_unbiased():
     assert torch.isclose(k3_estimate(p.log()[d], q.log()[d]).mean(), rkl, atol=0.01)
     assert (k3_estimate(p.log()[d], q.log()[d]) >= 0).all()  # k3 never goes negative
     assert not torch.isclose(fkl, rkl, atol=0.05)  # the two directions differ: swapping would fail
+
+
+def test_paper_loss_weights_and_normalisation():
+    from draftopd.training.losses import offset_weights
+    from draftopd.training.opd import combine_kl
+
+    # one anchor, B=5, r=1: offset 1 accepted; offsets 2..4 rejected with weights 0.8^(k-1)
+    kl = torch.tensor([2.0, 1.0, 3.0, 5.0])
+    acc = torch.tensor([True, False, False, False])
+    rej = ~acc
+    w = offset_weights(5, 0.8, "pow")
+    loss, s = combine_kl(kl, acc, rej, w, 1.0, 1.0)
+    l_rej = (0.8 * 1.0 + 0.64 * 3.0 + 0.512 * 5.0) / (0.8 + 0.64 + 0.512)
+    assert s["loss_acc"] == 2.0 and abs(s["loss_rej"] - l_rej) < 1e-6
+    assert torch.isclose(loss, torch.tensor((2.0 + l_rej) / 2))
+    loss, _ = combine_kl(kl, acc, rej, w, 3.0, 1.0)
+    assert torch.isclose(loss, torch.tensor((3 * 2.0 + l_rej) / 4))
+    loss, s = combine_kl(kl, torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool), w, 1.0, 1.0)
+    assert "loss_acc" not in s and torch.isclose(loss, (kl * w).sum() / w.sum())  # empty stream drops out

@@ -151,8 +151,8 @@ def load_target(spec: str, *, dtype: str | torch.dtype = "fp32", device: str = "
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
-    except OSError as e:
-        raise DraftOPDError(f"target {spec!r}: could not load ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError) as e:  # no weights / no tokenizer / unknown architecture
+        raise DraftOPDError(f"target {spec!r}: could not load ({str(e).strip().splitlines()[0]})") from None
     model.to(device).eval().requires_grad_(False)
     if model.get_input_embeddings() is None or model.get_output_embeddings() is None:
         raise DraftOPDError(f"target {spec!r}: needs input embeddings and an LM head")

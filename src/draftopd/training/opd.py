@@ -52,6 +52,30 @@ def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: to
     return out.last_hidden_state.view(b, m, w, -1)
 
 
+def combine_kl(kl: torch.Tensor, accepted: torch.Tensor, rejected: torch.Tensor, w_rej: torch.Tensor,
+               lambda_acc: float, lambda_rej: float) -> tuple[torch.Tensor, dict]:
+    """The paper's loss over rows: L = (l_acc * L_acc + l_rej * L_rej) / (l_acc + l_rej).
+
+    L_acc = mean KL over accepted rows; L_rej = sum(w * KL) / sum(w) over rejected rows, with
+    w = gamma^(k-1). A stream with no rows this batch drops out of numerator and denominator.
+    """
+    parts, lambdas, scalars = [], [], {}
+    if accepted.any():
+        l_acc = kl[accepted].mean()
+        parts.append(lambda_acc * l_acc)
+        lambdas.append(lambda_acc)
+        scalars["loss_acc"] = float(l_acc.detach())
+    if rejected.any():
+        w = w_rej[rejected]
+        l_rej = (kl[rejected] * w).sum() / w.sum()
+        parts.append(lambda_rej * l_rej)
+        lambdas.append(lambda_rej)
+        scalars["loss_rej"] = float(l_rej.detach())
+    if not parts:
+        return kl.sum() * 0, scalars
+    return sum(parts) / max(sum(lambdas), 1e-8), scalars
+
+
 class OPDStep:
     """Callable (batch, generator) -> (loss, stats) for the trainer."""
 
@@ -177,21 +201,8 @@ class OPDStep:
             elif o.ablation == "all_reverse":
                 forward[:] = False
             kl = kl_rows(flat(hidden), flat(teacher), head, flat(forward), o.teacher_temperature)
-            acc_rows, rej_rows = flat(accepted), flat(rejected)
-            parts, lambdas = [], []
-            stats_scalars = {}
-            if acc_rows.any():
-                l_acc = kl[acc_rows].mean()
-                parts.append(o.lambda_acc * l_acc)
-                lambdas.append(o.lambda_acc)
-                stats_scalars["loss_acc"] = float(l_acc.detach())
-            if rej_rows.any():
-                w = flat(w_rej)[rej_rows]
-                l_rej = (kl[rej_rows] * w).sum() / w.sum()
-                parts.append(o.lambda_rej * l_rej)
-                lambdas.append(o.lambda_rej)
-                stats_scalars["loss_rej"] = float(l_rej.detach())
-            loss = sum(parts) / max(sum(lambdas), 1e-8) if parts else hidden.sum() * 0
+            loss, stats_scalars = combine_kl(kl, flat(accepted), flat(rejected), flat(w_rej), o.lambda_acc,
+                                             o.lambda_rej)
         else:
             commit = (k[None, None] <= r[..., None] + 1) & valid[..., None] & (anchors[..., None] + k < lengths[:, None, None])
             loss, stats_scalars = sampled_terms(
