@@ -19,9 +19,9 @@ class DemoPlan:
     target: str = "smollm2-135m"
     train_prompts: str = "gsm8k[:160],sharegpt[:32]"
     eval_benches: tuple[str, ...] = ("gsm8k[1200:]", "humaneval[100:]", "mt-bench[60:]")
-    eval_samples: int = 3
+    eval_samples: int = 2
     max_new_tokens: int = 96
-    eval_max_new_tokens: int = 64
+    eval_max_new_tokens: int = 48
     block_size: int = 8
     sft_minutes: float = 3.5
     opd_minutes: float = 2.0
