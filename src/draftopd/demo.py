@@ -17,14 +17,14 @@ from draftopd.training.checkpointing import latest_checkpoint
 class DemoPlan:
     out_dir: str = "runs/demo"
     target: str = "smollm2-135m"
-    train_prompts: str = "gsm8k[:160],sharegpt[:32]"
+    train_prompts: str = "gsm8k[:128],sharegpt[:32]"
     eval_benches: tuple[str, ...] = ("gsm8k[1200:]", "humaneval[100:]", "mt-bench[60:]")
-    eval_samples: int = 2
+    eval_samples: int = 1
     max_new_tokens: int = 96
     eval_max_new_tokens: int = 48
     block_size: int = 8
-    sft_minutes: float = 3.5
-    opd_minutes: float = 2.0
+    sft_minutes: float = 3.0
+    opd_minutes: float = 1.5
     seed: int = 0
 
 

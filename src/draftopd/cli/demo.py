@@ -14,8 +14,8 @@ def register(sub) -> None:
         description="Runs the full pipeline on the embedded target and prints tau and speedup of the untrained, "
                     "SFT and Draft-OPD drafters side by side. Interrupt it any time; rerun to resume.")
     s.add_argument("--out", default="runs/demo", help="working directory (default %(default)s)")
-    s.add_argument("--sft-minutes", type=float, default=3.5, help="SFT wall time (default %(default)s)")
-    s.add_argument("--opd-minutes", type=float, default=2.0, help="Draft-OPD wall time (default %(default)s)")
-    s.add_argument("--eval-samples", type=int, default=2, help="held-out prompts per benchmark (default %(default)s)")
+    s.add_argument("--sft-minutes", type=float, default=3.0, help="SFT wall time (default %(default)s)")
+    s.add_argument("--opd-minutes", type=float, default=1.5, help="Draft-OPD wall time (default %(default)s)")
+    s.add_argument("--eval-samples", type=int, default=1, help="held-out prompts per benchmark (default %(default)s)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_demo)
