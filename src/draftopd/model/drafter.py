@@ -243,8 +243,8 @@ class DFlashDraftModel(PreTrainedModel):
             raise DraftOPDError(f"drafter mask_token_id {self.mask_token_id} outside the target vocabulary")
 
     def compute_logits(self, hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
-        """Score drafted positions with the target's LM head ([..., H] -> [..., V])."""
-        return head(hidden)
+        """Score drafted positions with the target's LM head ([..., H] -> [..., V]), in its dtype."""
+        return head(hidden.to(head.weight.dtype))
 
     def new_cache(self) -> ContextCache:
         return ContextCache(len(self.layers))
