@@ -160,14 +160,6 @@ def load_target(spec: str, *, dtype: str | torch.dtype = "fp32", device: str = "
     return Target(model=model, tokenizer=tokenizer, name=name)
 
 
-def context_features(hidden_states: tuple[torch.Tensor, ...], layer_ids: list[int]) -> torch.Tensor:
-    """Concatenate the outputs of decoder layers `layer_ids` ([b, n, H] each -> [b, n, len*H]).
-
-    `hidden_states[0]` is the embedding output, so decoder layer L is `hidden_states[L + 1]`.
-    """
-    return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
-
-
 def stop_token_ids(tokenizer, model: nn.Module | None = None) -> list[int]:
     """EOS ids from the tokenizer and generation config, for stopping decoding."""
     ids = set()

@@ -51,7 +51,8 @@ def split_heldout(seqs: list[Sequence], fraction: float, seed: int) -> tuple[lis
     order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
     k = max(1, int(len(seqs) * fraction))
     held = sorted(order[:k])
-    train = [s for i, s in enumerate(seqs) if i not in set(held)]
+    held_set = set(held)
+    train = [s for i, s in enumerate(seqs) if i not in held_set]
     return train, [seqs[i] for i in held]
 
 
