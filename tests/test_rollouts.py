@@ -40,7 +40,7 @@ def test_one_record_per_prompt(smollm, prompts, reference):
     for p in prompts:
         r = records[p.id]
         assert r.prompt_ids == apply_chat_template(smollm.tokenizer, p.messages)
-        assert 1 <= len(r.response_ids) <= 16
+        assert 0 < len(r.response_ids) <= 16
         assert not set(r.response_ids[:-1]) & set(stop)  # cut after the first EOS
         assert r.finish_reason == ("stop" if r.response_ids[-1] in stop else "length")
         assert r.meta["source"] == "gsm8k" and "answer" in r.meta

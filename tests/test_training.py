@@ -74,6 +74,16 @@ def test_opd_runs_and_logs_walk_statistics(tiny_dir, tiny_rollouts, tmp_path):
         assert len(rec["accept_rate_per_offset"]) == 3 and rec["tau_walk"] >= 1
 
 
+def test_opd_live_mode_decodes_with_the_current_drafter(tiny_dir, tiny_rollouts, tmp_path):
+    sft = train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "sft", max_steps=2))
+    cfg = cfg_for("opd", tiny_dir, tiny_rollouts, tmp_path / "live", max_steps=2,
+                  **{"draft.init": str(sft.final_drafter), "opd.rollout_mode": "live", "opd.max_anchors": 4,
+                     "opd.live_max_new_tokens": 12})
+    recs = read_metrics(train(cfg).out_dir)
+    assert len(recs) == 2 and all(r["tau_walk"] >= 1 for r in recs)
+    assert all(r["accepted_tokens"] + r["rejected_tokens"] <= 2 * 4 * 3 for r in recs)  # capped: b x 4 x (B-1)
+
+
 def test_nan_step_is_skipped_and_counted(tiny_dir, tiny_rollouts, tmp_path, monkeypatch):
     import draftopd.training.sft as sft
 

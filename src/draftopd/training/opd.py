@@ -52,6 +52,15 @@ def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: to
     return out.last_hidden_state.view(b, m, w, -1)
 
 
+def cap_anchors(anchors: list[int], accepted: list[int], cap: int, gen: torch.Generator
+                ) -> tuple[list[int], list[int]]:
+    """At most `cap` anchors, an unbiased random subset kept in position order."""
+    if len(anchors) <= cap:
+        return anchors, accepted
+    keep = torch.randperm(len(anchors), generator=gen)[:cap].sort().values.tolist()
+    return [anchors[k] for k in keep], [accepted[k] for k in keep]
+
+
 def combine_kl(kl: torch.Tensor, accepted: torch.Tensor, rejected: torch.Tensor, w_rej: torch.Tensor,
                lambda_acc: float, lambda_rej: float) -> tuple[torch.Tensor, dict]:
     """The paper's loss over rows: L = (l_acc * L_acc + l_rej * L_rej) / (l_acc + l_rej).
@@ -112,11 +121,9 @@ class OPDStep:
                 a = sorted(set(a))
             else:
                 a, _ = onpolicy_walk(r, P, L - 1)
-            if len(a) > self.o.max_anchors:
-                keep = torch.randperm(len(a), generator=gen)[: self.o.max_anchors].sort().values.tolist()
-                a = [a[k] for k in keep]
+            a, rr = cap_anchors(a, [r[x - P] for x in a], self.o.max_anchors, gen)
             anchors.append(a)
-            accepted.append([r[x - P] for x in a])
+            accepted.append(rr)
         return anchors, accepted
 
     # -- one micro-batch ---------------------------------------------------------------------
@@ -138,13 +145,8 @@ class OPDStep:
         text_h = out.last_hidden_state  # [b, n, H]
 
         if o.rollout_mode == "live" and o.ablation != "random_anchors":
-            anchor_lists = [self.live[idx][2] for idx in batch.indices]
-            r_lists = [self.live[idx][3] for idx in batch.indices]
-            for i in range(b):  # respect the cap as in cached mode
-                if len(anchor_lists[i]) > o.max_anchors:
-                    keep = torch.randperm(len(anchor_lists[i]), generator=gen)[: o.max_anchors].sort().values
-                    anchor_lists[i] = [anchor_lists[i][k] for k in keep]
-                    r_lists[i] = [r_lists[i][k] for k in keep]
+            capped = [cap_anchors(self.live[idx][2], self.live[idx][3], o.max_anchors, gen) for idx in batch.indices]
+            anchor_lists, r_lists = [c[0] for c in capped], [c[1] for c in capped]
         else:
             was_training = draft.training
             draft.eval()
