@@ -21,13 +21,19 @@ def register(sub) -> None:
     s.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (default %(default)s)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default %(default)s)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
-    s.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default %(default)s)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per generate call and per saved chunk (default 16; 512 with --backend vllm)")
     s.add_argument("--max-prompt-tokens", type=int, default=512,
                    help="skip prompts longer than this after the chat template (default %(default)s)")
     s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="chat template thinking switch for targets that have one (Qwen3)")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="target weights (default %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed; batch i uses seed + i (default %(default)s)")
+    s.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: batched transformers generate here; vllm: vLLM's offline engine in this process "
+                        "(pip install 'draftopd[vllm]', a CUDA GPU) (default %(default)s)")
+    s.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs vLLM shards the target over with --backend vllm (default %(default)s)")
     s.add_argument("--engine-url", default=None,
                    help="generate on a running vLLM/SGLang (OpenAI-compatible) server at this URL instead of "
                         "locally; only the target's tokenizer and config are loaded. An API key is read from "
@@ -41,13 +47,23 @@ def register(sub) -> None:
 def cmd_rollout(args) -> None:
     from draftopd.data.prompts import load_prompts
     from draftopd.data.rollouts import RolloutSettings, generate_rollouts, read_records
+    from draftopd.errors import DraftOPDError
     from draftopd.model.target import load_target
 
+    batch_size = args.batch_size or (512 if args.backend == "vllm" else 16)
     settings = RolloutSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                               batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
+                               batch_size=batch_size, max_prompt_tokens=args.max_prompt_tokens,
                                thinking=args.thinking, seed=args.seed)
     prompts = load_prompts(args.prompts)  # first: a bad spec fails before the target loads
-    if args.engine_url:
+    if args.engine_url and args.backend != "hf":
+        raise DraftOPDError(f"--engine-url and --backend {args.backend}: choose one (the URL's server generates)")
+    if args.backend == "vllm":
+        from draftopd.data.vllm_offline import vllm_rollouts
+
+        run = partial(vllm_rollouts, args.target, prompts, args.out, settings, dtype=args.dtype,
+                      tensor_parallel_size=args.tensor_parallel_size, chunk=settings.batch_size,
+                      prompt_spec=args.prompts)
+    elif args.engine_url:
         from draftopd.data.engine import engine_rollouts, target_without_weights
 
         tokenizer, identity, stop = target_without_weights(args.target)

@@ -27,9 +27,9 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
-from draftopd.data.prompts import Prompt, apply_chat_template
+from draftopd.data.prompts import Prompt
 from draftopd.data.rollouts import (FINISH_REASONS, FORMAT, META, RECORDS, Rollout, RolloutSettings, _append, _problem,
-                                    _read_meta, _start_or_resume, _write_json)
+                                    _read_meta, _start_or_resume, _write_json, prompt_token_ids)
 from draftopd.errors import DraftOPDError
 from draftopd.model.target import EMBEDDED, resolve_target, stop_token_ids, target_identity
 
@@ -174,17 +174,30 @@ def _complete(client: _Client, model_name: str, prompt: Prompt, prompt_ids: list
     if isinstance(echoed, list) and echoed and echoed != prompt_ids:
         raise DraftOPDError(f"server at {client.url} changed the prompt tokens of {what} "
                             f"({len(prompt_ids)} sent, {len(echoed)} used); is a completion template configured?")
-    if choice.get("finish_reason") not in FINISH_REASONS:  # e.g. SGLang's "abort": not a whole response
-        raise DraftOPDError(f"server at {client.url} ended {what} with finish_reason "
-                            f"{choice.get('finish_reason')!r}; rerun to resume")
     ids, exact = response_ids(choice, tokenizer)
-    ids, reason = finish(ids, choice.get("finish_reason"), choice.get("matched_stop", choice.get("stop_reason")),
-                         stop)
+    rollout = engine_record(prompt, prompt_ids, ids, choice.get("finish_reason"),
+                            choice.get("matched_stop", choice.get("stop_reason")), stop, vocab_size,
+                            engine=f"server at {client.url}")
+    return rollout, exact
+
+
+def engine_record(prompt: Prompt, prompt_ids: list[int], ids: list[int], reason, matched, stop: list[int],
+                  vocab_size: int | None, *, engine: str) -> Rollout:
+    """An engine's answer (response ids, finish reason, matched stop) as a checked local record."""
+    what = f"prompt {prompt.id!r}"
+    if reason not in FINISH_REASONS:  # e.g. "abort": not a whole response
+        raise DraftOPDError(f"{engine} ended {what} with finish_reason {reason!r}; rerun to resume")
+    ids, reason = finish(list(ids), reason, matched, stop)
     rollout = Rollout(prompt.id, prompt_ids, ids, reason, {"source": prompt.source, **prompt.meta})
     problem = _problem(rollout, vocab_size)
     if problem:
-        raise DraftOPDError(f"server at {client.url} answered {what} with an unusable response: {problem}")
-    return rollout, exact
+        raise DraftOPDError(f"{engine} answered {what} with an unusable response: {problem}")
+    return rollout
+
+
+def prompt_seeds(prompts: list[Prompt], settings: RolloutSettings) -> dict[str, int]:
+    """Sampling seed per prompt id: prompt i (in `prompts` order) gets `settings.seed + i`."""
+    return {p.id: settings.seed + i for i, p in enumerate(prompts)}
 
 
 def engine_rollouts(base_url: str, model_name: str, tokenizer, prompts: list[Prompt], out_dir,
@@ -209,17 +222,8 @@ def engine_rollouts(base_url: str, model_name: str, tokenizer, prompts: list[Pro
                             f"not the configured target {model_name!r}")
 
     stop = sorted(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
-    prompt_ids: dict[str, list[int]] = {}
-    seeds: dict[str, int] = {}
-    for i, p in enumerate(prompts):
-        if p.id in prompt_ids:
-            raise DraftOPDError(f"prompt id {p.id!r} occurs twice; rollouts are keyed by prompt id")
-        ids = apply_chat_template(tokenizer, p.messages, thinking=settings.thinking)
-        if len(ids) <= settings.max_prompt_tokens:
-            prompt_ids[p.id], seeds[p.id] = ids, settings.seed + i
-    if not prompt_ids:
-        raise DraftOPDError(f"all {len(prompts)} prompts are longer than max_prompt_tokens="
-                            f"{settings.max_prompt_tokens}")
+    prompt_ids = prompt_token_ids(tokenizer, prompts, settings)
+    seeds = prompt_seeds(prompts, settings)
     # The engine's weight dtype is not visible through the API; "engine" also keeps a local
     # run from resuming this directory (and the other way round).
     meta = {"format": FORMAT, "target": target_identity, "dtype": "engine", "settings": asdict(settings),

@@ -69,16 +69,7 @@ def generate_rollouts(target, prompts: list[Prompt], out_dir, settings: RolloutS
     """
     out = Path(out_dir)
     tok, model = target.tokenizer, target.model
-    prompt_ids: dict[str, list[int]] = {}
-    for p in prompts:
-        if p.id in prompt_ids:
-            raise DraftOPDError(f"prompt id {p.id!r} occurs twice; rollouts are keyed by prompt id")
-        ids = apply_chat_template(tok, p.messages, thinking=settings.thinking)
-        if len(ids) <= settings.max_prompt_tokens:
-            prompt_ids[p.id] = ids
-    if not prompt_ids:
-        raise DraftOPDError(f"all {len(prompts)} prompts are longer than max_prompt_tokens="
-                            f"{settings.max_prompt_tokens}")
+    prompt_ids = prompt_token_ids(tok, prompts, settings)
     meta = {"format": FORMAT, "target": target_identity(model, target.name),
             "dtype": str(target.dtype).removeprefix("torch."), "settings": asdict(settings),
             "prompts": prompt_spec, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -108,6 +99,21 @@ def generate_rollouts(target, prompts: list[Prompt], out_dir, settings: RolloutS
             bar.update(len(batch))
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.1f} tok/s")
     return out
+
+
+def prompt_token_ids(tokenizer, prompts: list[Prompt], settings: RolloutSettings) -> dict[str, list[int]]:
+    """Chat-templated prompt tokens by prompt id, without the prompts over `max_prompt_tokens`."""
+    prompt_ids: dict[str, list[int]] = {}
+    for p in prompts:
+        if p.id in prompt_ids:
+            raise DraftOPDError(f"prompt id {p.id!r} occurs twice; rollouts are keyed by prompt id")
+        ids = apply_chat_template(tokenizer, p.messages, thinking=settings.thinking)
+        if len(ids) <= settings.max_prompt_tokens:
+            prompt_ids[p.id] = ids
+    if not prompt_ids:
+        raise DraftOPDError(f"all {len(prompts)} prompts are longer than max_prompt_tokens="
+                            f"{settings.max_prompt_tokens}")
+    return prompt_ids
 
 
 def load_rollouts(out_dir, *, expect_target: dict | None = None) -> tuple[dict, list[Rollout]]:
