@@ -31,6 +31,17 @@ def tiny_drafter(target, *, block_size: int = 4, num_layers: int = 2, mask_token
     return DFlashDraftModel(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Batch-1 decoding of a 135M model gains little from intra-op threads, and on a shared
+    2-core machine two OpenMP threads per process make every forward several times slower
+    (measured: 8 min for the embedded-model module vs about 1 min). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", params=["qwen3", "llama"])
 def tiny_pair(request):
     target = tiny_target(request.param)

@@ -25,15 +25,7 @@ EOS_PROMPT = "What is the capital of France? Answer in one word."
 CLI_PROMPT = "Name three primary colors."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batch-1 decoding of a 135M model gains little from intra-op threads, and on a shared
-    2-core machine two OpenMP threads per process make every forward several times slower
-    (measured: 8 min for this module vs about 1 min). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

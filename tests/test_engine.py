@@ -6,7 +6,6 @@ import socket
 from dataclasses import replace
 
 import pytest
-import torch
 
 import draftopd.data.engine as engine
 from draftopd.cli.main import main
@@ -22,14 +21,7 @@ NAME = "smollm2-135m"
 SETTINGS = RolloutSettings(max_new_tokens=12)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two intra-op threads on 2 cores shared with other processes spin-wait on each other:
-    generation measured ~10x slower than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

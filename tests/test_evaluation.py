@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from conftest import tiny_drafter, tiny_target
 from draftopd.cli.main import main
@@ -24,13 +23,7 @@ DRAFTERS = ("draft-a", "draft-b")
 NEW_TOKENS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two CPU cores shared with other jobs: one torch thread decodes 4-6x faster than two here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- metrics on hand-made numbers ----

@@ -14,7 +14,6 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from draftopd.cli.main import main
 from draftopd.data.prompts import load_prompts
@@ -28,12 +27,7 @@ NAME = "smollm2-135m"
 SETTINGS = RolloutSettings(max_new_tokens=10, batch_size=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
