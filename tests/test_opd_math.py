@@ -1,5 +1,6 @@
 """Draft-OPD pieces: tree mask, batched verify, exact KL, sampled estimators."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -55,6 +56,42 @@ def test_exact_kl_matches_dense_reference_in_both_directions():
     (g2,) = torch.autograd.grad(ref.sum(), s)
     assert torch.allclose(g1, g2, atol=1e-5)
     assert (got >= -1e-6).all()
+
+
+def test_sampled_terms_match_a_dense_reference():
+    """The pooled mean of Bernoulli-forward and k3-reverse terms (clamped log-probs), and its gradient."""
+    from draftopd.training.losses import sampled_terms
+
+    torch.manual_seed(0)
+    N, H, V = 9, 6, 11
+    s = torch.randn(N, H, requires_grad=True)
+    t, W = torch.randn(N, H), torch.randn(V, H) * 3  # large logits: some log-probs fall under the clamp
+    tok_f, tok_r = torch.randint(0, V, (N,)), torch.randint(0, V, (N,))
+    use_f = torch.tensor([1, 1, 0, 1, 0, 1, 1, 0, 0], dtype=torch.bool)
+    use_r = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1, 0], dtype=torch.bool)  # rows 1 and 5 hold both terms
+    loss, scalars = sampled_terms(s, t, W, targets_fwd=tok_f, use_fwd=use_f, targets_rev=tok_r, use_rev=use_r,
+                                  temperature=0.8, clamp=-4.0, chunk=4)
+    lq = F.log_softmax(s @ W.T, -1).clamp(min=-4.0)
+    lp = F.log_softmax(t @ W.T / 0.8, -1).clamp(min=-4.0)
+    rows = torch.arange(N)
+    fwd = lp[rows, tok_f] - lq[rows, tok_f]
+    ratio = lp[rows, tok_r] - lq[rows, tok_r]
+    rev = ratio.exp() - ratio - 1
+    ref = torch.cat([fwd[use_f], rev[use_r]]).mean()
+    assert torch.allclose(loss, ref, atol=1e-5)
+    (g1,) = torch.autograd.grad(loss, s)
+    (g2,) = torch.autograd.grad(ref, s)
+    assert torch.allclose(g1, g2, atol=1e-5) and g1.abs().sum() > 0
+    assert abs(scalars["loss_acc"] - fwd[use_f].mean().item()) < 1e-5
+    assert abs(scalars["loss_rej"] - rev[use_r].mean().item()) < 1e-5
+
+
+def test_rowwise_refuses_a_trainable_head():
+    from draftopd.training.losses import kl_rows
+
+    with pytest.raises(ValueError, match="frozen"):
+        kl_rows(torch.randn(2, 3, requires_grad=True), torch.randn(2, 3), torch.randn(5, 3, requires_grad=True),
+                torch.ones(2, dtype=torch.bool))
 
 
 def test_sampled_estimators_are_unbiased():

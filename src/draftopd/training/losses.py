@@ -1,14 +1,61 @@
 """Training losses over drafted positions, computed in chunks of rows.
 
 The LM head turns each drafted position into V logits; for 512 anchors x 15 offsets that
-is ~7.7K x V floats, so every loss here walks rows in chunks and recomputes each chunk's
-logits in backward (activation checkpointing) instead of keeping [rows, V] alive.
+is ~7.7K x V floats, so no [rows, V] tensor ever lives for the whole batch. Every loss here
+is a sum of per-row terms, and a row's term depends on that row's hidden state alone, so
+each chunk's gradient w.r.t. its rows is taken in the same pass that makes its logits
+(`rowwise`): backward only scales those [rows, H] gradients. Activation checkpointing would
+make every chunk's logits twice.
 """
 
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+
+class _Rowwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, fn, chunk, head_weight, *args):
+        ctx.n_args = len(args)
+        values, extras, grads = [], [], []
+        for s in _chunks(hidden.shape[0], chunk):
+            with torch.enable_grad():
+                h = hidden[s].detach().requires_grad_()
+                value, extra = fn(h, head_weight, *(a[s] for a in args))
+                (g,) = torch.autograd.grad(value.sum(), h)
+            values.append(value.detach())
+            extras.append(extra)
+            grads.append(g)
+        ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(hidden.shape))
+        extra = torch.cat(extras) if extras else hidden.new_zeros(0)
+        ctx.mark_non_differentiable(extra)
+        return (torch.cat(values) if values else hidden.new_zeros(0, dtype=torch.float)), extra
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_extra):
+        (g,) = ctx.saved_tensors
+        return (grad_values[:, None] * g).to(g.dtype), None, None, None, *([None] * (ctx.n_args))
+
+
+def rowwise(fn, hidden: torch.Tensor, head_weight: torch.Tensor, *args: torch.Tensor, chunk: int = 1024
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [N], extras [N, ...]) of fn(h_chunk, head_weight, *arg_chunks) -> (value [c], extra [c, ...]).
+
+    `value` is differentiable w.r.t. its own rows of `hidden` only (as every per-row loss is);
+    `extra` carries no gradient (predictions, per-stream terms for logging). The head is
+    frozen: its gradient is not taken.
+    """
+    if head_weight.requires_grad:
+        raise ValueError("rowwise losses take no gradient for the LM head; it must be frozen")
+    if not hidden.requires_grad:
+        with torch.no_grad():
+            parts = [fn(hidden[s], head_weight, *(a[s] for a in args)) for s in _chunks(hidden.shape[0], chunk)]
+        if not parts:
+            return hidden.new_zeros(0, dtype=torch.float), hidden.new_zeros(0)
+        return torch.cat([v for v, _ in parts]), torch.cat([e for _, e in parts])
+    return _Rowwise.apply(hidden, fn, chunk, head_weight, *args)
 
 
 def offset_weights(block_size: int, gamma: float, kind: str = "exp") -> torch.Tensor:
@@ -28,8 +75,8 @@ def _chunks(n: int, chunk: int):
         yield slice(s, min(s + chunk, n))
 
 
-def _ce_chunk(hidden, weight, labels):
-    logits = F.linear(hidden.to(weight.dtype), weight).float()
+def _ce_rows(hidden, head_weight, labels):
+    logits = F.linear(hidden.to(head_weight.dtype), head_weight).float()
     return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
 
 
@@ -40,18 +87,8 @@ def weighted_ce(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.T
     hidden [N, H], labels [N], weights [N] -> (loss scalar, predictions [N]).
     """
     keep = labels >= 0
-    total = hidden.new_zeros((), dtype=torch.float)
-    preds = torch.full_like(labels, -1)
-    denom = weights[keep].sum().clamp_min(1e-8)
-    for s in _chunks(hidden.shape[0], chunk):
-        lab = labels[s].clamp(min=0)
-        if hidden.requires_grad:
-            ce, pred = checkpoint(_ce_chunk, hidden[s], head_weight, lab, use_reentrant=False)
-        else:
-            ce, pred = _ce_chunk(hidden[s], head_weight, lab)
-        total = total + (ce * weights[s] * keep[s]).sum()
-        preds[s] = pred
-    return total / denom, preds
+    ce, preds = rowwise(_ce_rows, hidden, head_weight, labels.clamp(min=0), chunk=chunk)
+    return (ce * weights * keep).sum() / weights[keep].sum().clamp_min(1e-8), preds
 
 
 def implied_tau(per_offset_acc: list[float]) -> float:
@@ -63,13 +100,13 @@ def implied_tau(per_offset_acc: list[float]) -> float:
     return tau
 
 
-def _kl_chunk(student_h, teacher_h, head_weight, forward, temperature):
-    lq = F.log_softmax(F.linear(student_h, head_weight).float(), -1)
+def _kl_rows(student_h, head_weight, teacher_h, forward, *, temperature):
+    lq = F.log_softmax(F.linear(student_h.to(head_weight.dtype), head_weight).float(), -1)
     with torch.no_grad():
         lp = F.log_softmax(F.linear(teacher_h.to(head_weight.dtype), head_weight).float() / temperature, -1)
     fwd = (lp.exp() * (lp - lq)).sum(-1)  # KL(p || q)
     rev = (lq.exp() * (lq - lp)).sum(-1)  # KL(q || p)
-    return torch.where(forward, fwd, rev)
+    return torch.where(forward, fwd, rev), forward
 
 
 def kl_rows(student_h: torch.Tensor, teacher_h: torch.Tensor, head_weight: torch.Tensor, forward: torch.Tensor,
@@ -77,13 +114,10 @@ def kl_rows(student_h: torch.Tensor, teacher_h: torch.Tensor, head_weight: torch
     """Exact full-vocabulary KL per row: forward KL(p||q) where `forward`, else reverse KL(q||p).
 
     student_h, teacher_h [N, H] (final hidden states; the shared LM head makes the logits),
-    forward [N] bool -> [N]. Only [chunk, V] logits exist at a time, in forward and backward.
+    forward [N] bool -> [N]. Only [chunk, V] logits exist at a time.
     """
-    out = []
-    for s in _chunks(student_h.shape[0], chunk):
-        args = (student_h[s].to(head_weight.dtype), teacher_h[s], head_weight, forward[s], temperature)
-        out.append(checkpoint(_kl_chunk, *args, use_reentrant=False) if student_h.requires_grad else _kl_chunk(*args))
-    return torch.cat(out) if out else student_h.new_zeros(0)
+    return rowwise(partial(_kl_rows, temperature=temperature), student_h, head_weight, teacher_h, forward,
+                   chunk=chunk)[0]
 
 
 def forward_kl_estimate(logp_y: torch.Tensor, logq_y: torch.Tensor) -> torch.Tensor:
@@ -97,12 +131,15 @@ def k3_estimate(logp_d: torch.Tensor, logq_d: torch.Tensor) -> torch.Tensor:
     return log_ratio.exp() - log_ratio - 1
 
 
-def _logprob_chunk(student_h, teacher_h, head_weight, tok_f, tok_r, temperature):
-    lq = F.log_softmax(F.linear(student_h, head_weight).float(), -1)
+def _sampled_rows(student_h, head_weight, teacher_h, tok_f, use_f, tok_r, use_r, *, temperature, clamp):
+    lq = F.log_softmax(F.linear(student_h.to(head_weight.dtype), head_weight).float(), -1)
     with torch.no_grad():
         lp = F.log_softmax(F.linear(teacher_h.to(head_weight.dtype), head_weight).float() / temperature, -1)
-    pick = lambda t, i: t.gather(-1, i[:, None])[:, 0]  # noqa: E731
-    return pick(lq, tok_f), pick(lp, tok_f), pick(lq, tok_r), pick(lp, tok_r)
+    pick = lambda t, i: t.gather(-1, i[:, None])[:, 0].clamp(min=clamp)  # noqa: E731
+    fwd = forward_kl_estimate(pick(lp, tok_f), pick(lq, tok_f))
+    rev = k3_estimate(pick(lp, tok_r), pick(lq, tok_r))
+    terms = torch.where(use_f, fwd, 0.0) + torch.where(use_r, rev, 0.0)
+    return terms, torch.stack([fwd, rev], -1).detach()
 
 
 def sampled_terms(student_h, teacher_h, head_weight, *, targets_fwd, use_fwd, targets_rev, use_rev,
@@ -111,21 +148,15 @@ def sampled_terms(student_h, teacher_h, head_weight, *, targets_fwd, use_fwd, ta
 
     Forward (Bernoulli) terms on committed tokens incl. the correction token (`use_fwd`),
     k3 reverse terms on rejected draft tokens (`use_rev`); log-probs clamped at `clamp`.
+    A row may hold one of each; the mean is over terms.
     """
-    parts = []
-    for s in _chunks(student_h.shape[0], chunk):
-        args = (student_h[s].to(head_weight.dtype), teacher_h[s], head_weight, targets_fwd[s], targets_rev[s],
-                temperature)
-        parts.append(checkpoint(_logprob_chunk, *args, use_reentrant=False) if student_h.requires_grad
-                     else _logprob_chunk(*args))
-    lq_f, lp_f, lq_r, lp_r = (torch.cat(p) for p in zip(*parts))
-    fwd = forward_kl_estimate(lp_f.clamp(min=clamp), lq_f.clamp(min=clamp))[use_fwd]
-    rev = k3_estimate(lp_r.clamp(min=clamp), lq_r.clamp(min=clamp))[use_rev]
-    terms = torch.cat([fwd, rev])
-    loss = terms.mean() if terms.numel() else student_h.sum() * 0
+    terms, parts = rowwise(partial(_sampled_rows, temperature=temperature, clamp=clamp), student_h, head_weight,
+                           teacher_h, targets_fwd, use_fwd, targets_rev, use_rev, chunk=chunk)
+    count = int(use_fwd.sum()) + int(use_rev.sum())
+    loss = terms.sum() / count if count else student_h.sum() * 0
     scalars = {}
-    if fwd.numel():
-        scalars["loss_acc"] = float(fwd.detach().mean())
-    if rev.numel():
-        scalars["loss_rej"] = float(rev.detach().mean())
+    if use_fwd.any():
+        scalars["loss_acc"] = float(parts[use_fwd, 0].mean())
+    if use_rev.any():
+        scalars["loss_rej"] = float(parts[use_rev, 1].mean())
     return loss, scalars
