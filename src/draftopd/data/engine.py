@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from draftopd.data.prompts import Prompt
 from draftopd.data.rollouts import (FINISH_REASONS, FORMAT, META, RECORDS, Rollout, RolloutSettings, _append, _problem,
-                                    _read_meta, _start_or_resume, _write_json, prompt_token_ids)
+                                    _read_meta, _start_or_resume, _write_json, prompt_seeds,
+                                    prompt_token_ids)
 from draftopd.errors import DraftOPDError
 from draftopd.model.target import EMBEDDED, resolve_target, stop_token_ids, target_identity
 
@@ -193,11 +194,6 @@ def engine_record(prompt: Prompt, prompt_ids: list[int], ids: list[int], reason,
     if problem:
         raise DraftOPDError(f"{engine} answered {what} with an unusable response: {problem}")
     return rollout
-
-
-def prompt_seeds(prompts: list[Prompt], settings: RolloutSettings) -> dict[str, int]:
-    """Sampling seed per prompt id: prompt i (in `prompts` order) gets `settings.seed + i`."""
-    return {p.id: settings.seed + i for i, p in enumerate(prompts)}
 
 
 def engine_rollouts(base_url: str, model_name: str, tokenizer, prompts: list[Prompt], out_dir,

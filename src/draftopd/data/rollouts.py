@@ -116,6 +116,11 @@ def prompt_token_ids(tokenizer, prompts: list[Prompt], settings: RolloutSettings
     return prompt_ids
 
 
+def prompt_seeds(prompts: list[Prompt], settings: RolloutSettings) -> dict[str, int]:
+    """Sampling seed per prompt id: prompt i (in `prompts` order) gets `settings.seed + i`."""
+    return {p.id: settings.seed + i for i, p in enumerate(prompts)}
+
+
 def load_rollouts(out_dir, *, expect_target: dict | None = None) -> tuple[dict, list[Rollout]]:
     """(meta, rollouts) of a rollout directory; `expect_target` (a target_identity) guards against
     training a drafter on another target's responses. A last line cut short by a kill is ignored."""

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from draftopd.data.engine import engine_record, prompt_seeds, target_without_weights
+from draftopd.data.engine import engine_record, target_without_weights
 from draftopd.data.prompts import Prompt
-from draftopd.data.rollouts import FORMAT, RECORDS, RolloutSettings, _append, _start_or_resume, prompt_token_ids
+from draftopd.data.rollouts import (FORMAT, RECORDS, RolloutSettings, _append, _start_or_resume, prompt_seeds,
+                                    prompt_token_ids)
 from draftopd.errors import DraftOPDError
 from draftopd.model.target import resolve_target
 
