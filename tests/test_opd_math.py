@@ -1,43 +1,56 @@
-"""Draft-OPD pieces: tree mask, batched verify, exact KL, sampled estimators."""
+"""Draft-OPD pieces: verify mask, batched verify, exact KL, sampled estimators."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from conftest import tiny_target
+from conftest import tiny_drafter, tiny_target
 from draftopd.training.losses import forward_kl_estimate, k3_estimate, kl_rows
-from draftopd.training.opd import tree_mask, verify_states
+from draftopd.training.opd import verify_mask, verify_states
 from draftopd.training.target_pass import base_model
 
 
-def test_tree_mask_is_causal_inside_blocks():
-    m = tree_mask(torch.tensor([[2, 3]]), seq_len=4, width=3)[0, 0]  # [6, 4 + 6]
-    assert m[0].tolist() == [1, 1, 0, 0, 1, 0, 0, 0, 0, 0]
-    assert m[2].tolist() == [1, 1, 0, 0, 1, 1, 1, 0, 0, 0]
-    assert m[4].tolist() == [1, 1, 1, 0, 0, 0, 0, 1, 1, 0]
+def test_verify_mask_sees_text_to_the_limit_and_its_own_block_causally():
+    # two blocks packed in one row, then one padding token
+    limit, block = torch.tensor([[2, 2, 3]]), torch.tensor([[0, 0, 1]])
+    m = verify_mask(limit, block, torch.tensor([[True, True, True]]), seq_len=4)[0, 0]  # [3, 4 + 3]
+    assert m[0].tolist() == [1, 1, 0, 0, 1, 0, 0]
+    assert m[1].tolist() == [1, 1, 0, 0, 1, 1, 0]
+    assert m[2].tolist() == [1, 1, 1, 0, 0, 0, 1]
+    pad = verify_mask(limit, block, torch.tensor([[True, True, False]]), seq_len=4)[0, 0]
+    assert pad[2].tolist() == [0, 0, 0, 0, 0, 0, 1] and pad[1].tolist() == m[1].tolist()
 
 
 def test_batched_verify_equals_each_block_alone():
+    """Only drafts after the accepted prefix are fed; their states equal a plain forward of
+    text[:a] + block, for blocks of any acceptance (none fed when all accepted)."""
     for kind in ("qwen3", "llama"):
         target = tiny_target(kind)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(1, 150, (2, 14), generator=g)
         lengths = torch.tensor([14, 11])
         ids[1, 11:] = 0
-        anchors = torch.tensor([[4, 7, 12], [5, 9, 9]])
+        anchors = torch.tensor([[4, 7, 9], [5, 8, 8]])
+        accepted = torch.tensor([[0, 2, 3], [1, 0, 0]])
+        valid = torch.tensor([[True, True, True], [True, True, False]])
         blocks = torch.randint(1, 150, (2, 3, 4), generator=g)
-        blocks[..., 0] = ids.gather(1, anchors)
+        for i in range(2):
+            for j in range(3):
+                a, r = int(anchors[i, j]), int(accepted[i, j])
+                blocks[i, j, : r + 1] = ids[i, a : a + r + 1]  # the accepted prefix is the text
         cache = DynamicCache(config=target.config)
         attn = (torch.arange(14)[None] < lengths[:, None]).long()
         with torch.no_grad():
             base_model(target)(input_ids=ids, attention_mask=attn, cache=cache, use_cache=True)
-            ver = verify_states(target, cache, blocks, anchors, 14)
+            ver = verify_states(target, cache, blocks, anchors, accepted, valid, 14)
             for i in range(2):
                 for j in range(3):
-                    a = int(anchors[i, j])
+                    a, r = int(anchors[i, j]), int(accepted[i, j])
                     alone = base_model(target)(input_ids=torch.cat([ids[i, :a], blocks[i, j]])[None]).last_hidden_state
-                    assert torch.allclose(ver[i, j], alone[0, a:], atol=1e-5), (kind, i, j)
+                    fed = r + 1 if valid[i, j] else 4
+                    assert torch.allclose(ver[i, j, fed:], alone[0, a + fed:], atol=1e-5), (kind, i, j)
+                    assert (ver[i, j, :fed] == 0).all()
 
 
 def test_exact_kl_matches_dense_reference_in_both_directions():
@@ -52,8 +65,9 @@ def test_exact_kl_matches_dense_reference_in_both_directions():
     q = F.softmax(s @ W.T, -1)
     ref = torch.where(fwd, (p * (p.log() - q.log())).sum(-1), (q * (q.log() - p.log())).sum(-1))
     assert torch.allclose(got, ref, atol=1e-5)
-    (g1,) = torch.autograd.grad(got.sum(), s)
-    (g2,) = torch.autograd.grad(ref.sum(), s)
+    w = torch.rand(N)  # the closed-form gradient is scaled per row by backward
+    (g1,) = torch.autograd.grad((got * w).sum(), s)
+    (g2,) = torch.autograd.grad((ref * w).sum(), s)
     assert torch.allclose(g1, g2, atol=1e-5)
     assert (got >= -1e-6).all()
 
@@ -125,3 +139,72 @@ def test_paper_loss_weights_and_normalisation():
     assert torch.isclose(loss, torch.tensor((3 * 2.0 + l_rej) / 4))
     loss, s = combine_kl(kl, torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool), w, 1.0, 1.0)
     assert "loss_acc" not in s and torch.isclose(loss, (kl * w).sum() / w.sum())  # empty stream drops out
+
+
+def _text_with_acceptance(draft, target, prompt: torch.Tensor, accept: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """A text on which greedy verification of `draft` accepts exactly `accept` drafts at its
+    successive anchors: after each block's accepted prefix comes a token the draft did not propose.
+    The first anchor is the first response token (position len(prompt))."""
+    from draftopd.training.blocks import replay
+    from draftopd.training.target_pass import target_states
+
+    text, anchors = torch.cat([prompt, torch.tensor([9])]), []
+    for r in accept:
+        a = len(text) - 1
+        feats = target_states(target, text[None], torch.tensor([len(text)]), draft.target_layer_ids).features
+        with torch.no_grad():
+            h = replay(draft, target.get_input_embeddings(), feats, text[None], torch.tensor([[a]]))[0, 0, 1:]
+        d = (h @ target.get_output_embeddings().weight.T).argmax(-1)  # [B-1]
+        nxt = [] if r == len(d) else [int(d[r]) % 150 + 1]  # a correction, or the bonus token
+        text = torch.cat([text, d[:r], torch.tensor(nxt or [7], dtype=torch.long)])
+        anchors.append(a)
+    return text, anchors
+
+
+def test_opd_step_equals_a_loop_over_anchors_and_offsets():
+    """The vectorised step (walk, drafts, packed verify, chunked KL, weights) against the plain
+    definition: at each walk anchor and offset k, KL between the drafter's q_k and the target's
+    next-token distribution after text[:a+1] + d_1..d_{k-1}; forward where k <= r, reverse
+    weighted gamma^(k-1) beyond, each stream normalised, lambdas 1."""
+    from draftopd.training.blocks import replay
+    from draftopd.training.config import load_config
+    from draftopd.training.data import Sequence, collate
+    from draftopd.training.opd import OPDStep
+    from draftopd.training.target_pass import target_states
+
+    target = tiny_target("llama")
+    draft = tiny_drafter(target)
+    g = torch.Generator().manual_seed(3)
+    designs = [[0, 2, 3, 1, 0, 2], [1, 0, 3, 2]]
+    seqs, walks = [], []
+    for i, accept in enumerate(designs):
+        text, anchors = _text_with_acceptance(draft, target, torch.randint(1, 150, (5 + 2 * i,), generator=g), accept)
+        seqs.append(Sequence(i, text, 5 + 2 * i))
+        walks.append(list(zip(anchors, accept)))
+    batch = collate(seqs)
+    cfg = load_config(None, base={"method": "opd", "draft": {"init": "x", "block_size": 4}, "data": {"rollouts": "x"},
+                                  "opd": {"max_anchors": 64, "gamma": 0.8}})
+    loss, stats = OPDStep(cfg, draft, target)(batch, torch.Generator().manual_seed(0))
+
+    W, B = target.get_output_embeddings().weight, draft.block_size
+    acc, rej, w_rej = [], [], []
+    with torch.no_grad():
+        for s, walk in zip(seqs, walks):
+            feats = target_states(target, s.ids[None], torch.tensor([len(s.ids)]), draft.target_layer_ids).features
+            for a, r in walk:
+                lq = F.log_softmax(replay(draft, target.get_input_embeddings(), feats, s.ids[None],
+                                          torch.tensor([[a]]))[0, 0, 1:] @ W.T, -1)  # [B-1, V]
+                d = lq.argmax(-1)
+                for k in range(1, B):
+                    ctx = torch.cat([s.ids[: a + 1], d[: k - 1]])
+                    lp = F.log_softmax(target(ctx[None]).logits[0, -1], -1)
+                    if k <= r:
+                        acc.append((lp.exp() * (lp - lq[k - 1])).sum())
+                    else:
+                        rej.append((lq[k - 1].exp() * (lq[k - 1] - lp)).sum())
+                        w_rej.append(0.8 ** (k - 1))
+    w = torch.tensor(w_rej)
+    ref = (torch.stack(acc).mean() + (torch.stack(rej) * w).sum() / w.sum()) / 2
+    assert stats["scalars"]["accepted_tokens"] == sum(sum(d) for d in designs)
+    assert stats["scalars"]["rejected_tokens"] == len(rej)
+    assert torch.allclose(loss.detach(), ref, rtol=1e-4), (float(loss), float(ref))

@@ -5,7 +5,7 @@ is ~7.7K x V floats, so no [rows, V] tensor ever lives for the whole batch. Ever
 is a sum of per-row terms, and a row's term depends on that row's hidden state alone, so
 each chunk's gradient w.r.t. its rows is taken in the same pass that makes its logits
 (`rowwise`): backward only scales those [rows, H] gradients. Activation checkpointing would
-make every chunk's logits twice.
+make every chunk's logits twice. The exact KL, OPD's hot path, has its gradient in closed form.
 """
 
 
@@ -21,10 +21,7 @@ class _Rowwise(torch.autograd.Function):
         ctx.n_args = len(args)
         values, extras, grads = [], [], []
         for s in _chunks(hidden.shape[0], chunk):
-            with torch.enable_grad():
-                h = hidden[s].detach().requires_grad_()
-                value, extra = fn(h, head_weight, *(a[s] for a in args))
-                (g,) = torch.autograd.grad(value.sum(), h)
+            value, extra, g = fn(hidden[s].detach(), head_weight, *(a[s] for a in args), grad=True)
             values.append(value.detach())
             extras.append(extra)
             grads.append(g)
@@ -41,21 +38,36 @@ class _Rowwise(torch.autograd.Function):
 
 def rowwise(fn, hidden: torch.Tensor, head_weight: torch.Tensor, *args: torch.Tensor, chunk: int = 1024
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [N], extras [N, ...]) of fn(h_chunk, head_weight, *arg_chunks) -> (value [c], extra [c, ...]).
+    """(values [N], extras [N, ...]) of a per-row loss, one chunk of rows at a time.
 
-    `value` is differentiable w.r.t. its own rows of `hidden` only (as every per-row loss is);
-    `extra` carries no gradient (predictions, per-stream terms for logging). The head is
-    frozen: its gradient is not taken.
+    fn(h_chunk, head_weight, *arg_chunks, grad) -> (value [c], extra [c, ...], d value.sum()/dh
+    [c, H] or None when not `grad`). `value` depends on its own row of `hidden` only (as
+    every per-row loss does); `extra` carries no gradient (predictions, per-stream terms for
+    logging). The head is frozen: its gradient is not taken.
     """
     if head_weight.requires_grad:
         raise ValueError("rowwise losses take no gradient for the LM head; it must be frozen")
     if not hidden.requires_grad:
         with torch.no_grad():
-            parts = [fn(hidden[s], head_weight, *(a[s] for a in args)) for s in _chunks(hidden.shape[0], chunk)]
+            parts = [fn(hidden[s], head_weight, *(a[s] for a in args), grad=False)
+                     for s in _chunks(hidden.shape[0], chunk)]
         if not parts:
             return hidden.new_zeros(0, dtype=torch.float), hidden.new_zeros(0)
-        return torch.cat([v for v, _ in parts]), torch.cat([e for _, e in parts])
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return _Rowwise.apply(hidden, fn, chunk, head_weight, *args)
+
+
+def autograd_rows(fn):
+    """The `rowwise` contract for fn(h, head_weight, *args) -> (value, extra), gradient by autograd."""
+    def rows(h, head_weight, *args, grad):
+        if not grad:
+            return (*fn(h, head_weight, *args), None)
+        with torch.enable_grad():
+            h = h.detach().requires_grad_()
+            value, extra = fn(h, head_weight, *args)
+            (g,) = torch.autograd.grad(value.sum(), h)
+        return value.detach(), extra, g
+    return rows
 
 
 def offset_weights(block_size: int, gamma: float, kind: str = "exp") -> torch.Tensor:
@@ -87,7 +99,7 @@ def weighted_ce(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.T
     hidden [N, H], labels [N], weights [N] -> (loss scalar, predictions [N]).
     """
     keep = labels >= 0
-    ce, preds = rowwise(_ce_rows, hidden, head_weight, labels.clamp(min=0), chunk=chunk)
+    ce, preds = rowwise(autograd_rows(_ce_rows), hidden, head_weight, labels.clamp(min=0), chunk=chunk)
     return (ce * weights * keep).sum() / weights[keep].sum().clamp_min(1e-8), preds
 
 
@@ -100,13 +112,22 @@ def implied_tau(per_offset_acc: list[float]) -> float:
     return tau
 
 
-def _kl_rows(student_h, head_weight, teacher_h, forward, *, temperature):
+def _kl_rows(student_h, head_weight, teacher_h, forward, *, temperature, grad):
+    """Exact KL per row with its analytic gradient w.r.t. the student logits z (d = log q - log p):
+    forward KL(p||q) = -sum p d, dz = q - p;  reverse KL(q||p) = sum q d, dz = q (d - KL).
+    About half the elementwise passes over [c, V] that autograd takes."""
     lq = F.log_softmax(F.linear(student_h.to(head_weight.dtype), head_weight).float(), -1)
-    with torch.no_grad():
-        lp = F.log_softmax(F.linear(teacher_h.to(head_weight.dtype), head_weight).float() / temperature, -1)
-    fwd = (lp.exp() * (lp - lq)).sum(-1)  # KL(p || q)
-    rev = (lq.exp() * (lq - lp)).sum(-1)  # KL(q || p)
-    return torch.where(forward, fwd, rev), forward
+    lp = F.log_softmax(F.linear(teacher_h.to(head_weight.dtype), head_weight).float() / temperature, -1)
+    d = lq - lp
+    q, p = lq.exp_(), lp.exp_()
+    fwd = -torch.linalg.vecdot(p, d)
+    rev = torch.linalg.vecdot(q, d)
+    value = torch.where(forward, fwd, rev)
+    if not grad:
+        return value, forward, None
+    dz = d.sub_(rev[:, None]).mul_(q)  # reverse rows
+    dz[forward] = q[forward] - p[forward]
+    return value, forward, (dz.to(head_weight.dtype) @ head_weight).to(student_h.dtype)
 
 
 def kl_rows(student_h: torch.Tensor, teacher_h: torch.Tensor, head_weight: torch.Tensor, forward: torch.Tensor,
@@ -150,8 +171,8 @@ def sampled_terms(student_h, teacher_h, head_weight, *, targets_fwd, use_fwd, ta
     k3 reverse terms on rejected draft tokens (`use_rev`); log-probs clamped at `clamp`.
     A row may hold one of each; the mean is over terms.
     """
-    terms, parts = rowwise(partial(_sampled_rows, temperature=temperature, clamp=clamp), student_h, head_weight,
-                           teacher_h, targets_fwd, use_fwd, targets_rev, use_rev, chunk=chunk)
+    terms, parts = rowwise(autograd_rows(partial(_sampled_rows, temperature=temperature, clamp=clamp)), student_h,
+                           head_weight, teacher_h, targets_fwd, use_fwd, targets_rev, use_rev, chunk=chunk)
     count = int(use_fwd.sum()) + int(use_rev.sum())
     loss = terms.sum() / count if count else student_h.sum() * 0
     scalars = {}

@@ -6,8 +6,9 @@ One micro-batch:
    speculative decode recorded (live mode), or random ones (ablation);
 3. drafter replay with grad at those anchors -> q at offsets 1..B-1;
 4. teacher p scored on the draft prefix: offsets k <= r+1 from the pass over the text,
-   offsets k > r+1 from one batched "verify" pass over the drafted blocks (tree mask:
-   block j sees the text before a_j and its own earlier tokens), reusing the KV cache;
+   offsets k > r+1 from one batched "verify" pass over the rejected drafts only (packed;
+   each sees the text up to its block's first rejection and its own block's earlier
+   drafts), reusing the text's KV cache;
 5. loss: forward KL on accepted offsets, gamma^(k-1)-weighted reverse KL on rejected ones
    (exact, chunked over the vocabulary), or the public code's sampled estimators.
 """
@@ -19,37 +20,54 @@ from draftopd.decoding.speculative import _cache_kwarg, spec_generate
 from draftopd.model.drafter import context_features
 from draftopd.training import parallel
 from draftopd.training.anchors import random_anchors
-from draftopd.training.blocks import block_sparse_mask, replay
+from draftopd.training.blocks import replay
 from draftopd.training.losses import kl_rows, offset_weights, sampled_terms
 from draftopd.training.onpolicy import candidate_acceptance, onpolicy_walk
 from draftopd.training.target_pass import base_model
 
 
-def tree_mask(anchors: torch.Tensor, seq_len: int, width: int) -> torch.Tensor:
-    """Verify mask, bool [b, 1, m*w, n + m*w]: block j sees text < a_j and its own tokens causally."""
-    full = block_sparse_mask(anchors, seq_len, width)
-    b, _, q, _ = full.shape
-    causal = torch.ones(width, width, dtype=torch.bool, device=anchors.device).tril()
-    m = q // width
-    blk = full[..., seq_len:].clone().view(b, 1, m, width, m, width)
-    blk &= causal[None, None, None, :, None, :]
-    return torch.cat([full[..., :seq_len], blk.view(b, 1, q, m * width)], dim=-1)
+def verify_mask(limit: torch.Tensor, block: torch.Tensor, present: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Mask, bool [b, 1, T, n + T], for T packed draft tokens after a cached text of n.
+
+    Token t sees the text before limit[t] and the earlier tokens of its own block (packing
+    keeps a block's tokens together, in order). Padding (not present) sees only itself.
+    """
+    T = block.shape[1]
+    text = torch.arange(seq_len, device=limit.device) < limit[..., None]  # [b, T, n]
+    own = (block[:, :, None] == block[:, None, :]) & present[:, None, :]
+    own &= torch.ones(T, T, dtype=torch.bool, device=block.device).tril()
+    own |= torch.eye(T, dtype=torch.bool, device=block.device) & ~present[:, :, None]
+    return torch.cat([text & present[..., None], own], dim=-1)[:, None]
 
 
 @torch.no_grad()
-def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: torch.Tensor, seq_len: int
-                  ) -> torch.Tensor:
-    """Target's final hidden after each token of each drafted block: [b, m, w, H].
+def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: torch.Tensor,
+                  accepted: torch.Tensor, valid: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Target's final hidden after the rejected part of each drafted block: [b, m, w, H].
 
     blocks [b, m, w] = [x_a, d_1, ..., d_{w-1}]; index i holds p(. | text < a, x_a, d_<=i).
-    The text's KV cache is reused (and grows by the blocks: one verify per cache).
+    The accepted prefix x_a, d_1..d_r is committed text whose states the text's KV cache
+    already has, so only d_{r+1}.. of each valid block are fed, packed per row; indices
+    <= r come back as zeros. The cache grows by the packed tokens (one verify per cache).
     """
     b, m, w = blocks.shape
-    positions = (anchors[..., None] + torch.arange(w, device=blocks.device)).view(b, m * w)
-    out = base_model(target)(input_ids=blocks.view(b, m * w), position_ids=positions,
-                             attention_mask=tree_mask(anchors, seq_len, w),
-                             **{_cache_kwarg(base_model(target)): cache}, use_cache=True)
-    return out.last_hidden_state.view(b, m, w, -1)
+    index = torch.arange(w, device=blocks.device)
+    feed = ((index > accepted[..., None]) & valid[..., None]).view(b, m * w)  # [b, m*w]
+    out = torch.zeros(b, m * w, target.config.hidden_size, device=blocks.device)
+    T = int(feed.sum(1).max())
+    if T == 0:
+        return out.view(b, m, w, -1)
+    slot = torch.argsort((~feed).to(torch.uint8), dim=1, stable=True)[:, :T]  # fed slots first, in order
+    present = feed.gather(1, slot)
+    block = slot // w
+    positions = (anchors[..., None] + index).view(b, m * w).gather(1, slot)
+    limit = (anchors + accepted + 1).gather(1, block)  # text the block's fed tokens see
+    model = base_model(target)
+    h = model(input_ids=blocks.view(b, m * w).gather(1, slot), position_ids=positions,
+              attention_mask=verify_mask(limit, block, present, seq_len),
+              **{_cache_kwarg(model): cache}, use_cache=True).last_hidden_state
+    out.scatter_(1, slot[..., None].expand_as(h), torch.where(present[..., None], h.float(), 0.0))
+    return out.view(b, m, w, -1)
 
 
 def cap_anchors(anchors: list[int], accepted: list[int], cap: int, gen: torch.Generator
@@ -186,10 +204,9 @@ class OPDStep:
         from_text = (k[None, None] <= r[..., None] + 1)
         teacher = text_h.gather(1, (anchors[..., None] + k - 1).clamp(max=n - 1).view(b, -1, 1)
                                 .expand(-1, -1, text_h.shape[-1])).view(b, m, B - 1, -1)
-        need_verify = (rejected & ~from_text).any()
-        if need_verify:
+        if (rejected & ~from_text).any():
             blocks = torch.cat([ids.gather(1, anchors)[..., None], drafts[..., :-1]], dim=-1)  # [b, m, B-1]
-            ver = verify_states(target, cache, blocks, anchors, n)  # [b, m, B-1, H]
+            ver = verify_states(target, cache, blocks, anchors, r, valid, n)  # [b, m, B-1, H]: offsets > r+1
             teacher = torch.where(from_text[..., None], teacher, ver.to(teacher.dtype))
 
         rows = valid[..., None].expand_as(accepted)
