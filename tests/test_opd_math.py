@@ -161,18 +161,12 @@ def _text_with_acceptance(draft, target, prompt: torch.Tensor, accept: list[int]
     return text, anchors
 
 
-def test_opd_step_equals_a_loop_over_anchors_and_offsets():
-    """The vectorised step (walk, drafts, packed verify, chunked KL, weights) against the plain
-    definition: at each walk anchor and offset k, KL between the drafter's q_k and the target's
-    next-token distribution after text[:a+1] + d_1..d_{k-1}; forward where k <= r, reverse
-    weighted gamma^(k-1) beyond, each stream normalised, lambdas 1."""
-    from draftopd.training.blocks import replay
-    from draftopd.training.config import load_config
+def _opd_case():
+    """Tiny target and drafter, two texts with designed acceptance lengths, and the batch."""
     from draftopd.training.data import Sequence, collate
-    from draftopd.training.opd import OPDStep
-    from draftopd.training.target_pass import target_states
 
     target = tiny_target("llama")
+    target.model.norm.weight.data *= 20  # peaked teacher distributions: a wrong teacher row shows in the loss
     draft = tiny_drafter(target)
     g = torch.Generator().manual_seed(3)
     designs = [[0, 2, 3, 1, 0, 2], [1, 0, 3, 2]]
@@ -181,10 +175,28 @@ def test_opd_step_equals_a_loop_over_anchors_and_offsets():
         text, anchors = _text_with_acceptance(draft, target, torch.randint(1, 150, (5 + 2 * i,), generator=g), accept)
         seqs.append(Sequence(i, text, 5 + 2 * i))
         walks.append(list(zip(anchors, accept)))
-    batch = collate(seqs)
+    return target, draft, seqs, walks, collate(seqs)
+
+
+def _opd_step(draft, target, **opd):
+    from draftopd.training.config import load_config
+    from draftopd.training.opd import OPDStep
+
     cfg = load_config(None, base={"method": "opd", "draft": {"init": "x", "block_size": 4}, "data": {"rollouts": "x"},
-                                  "opd": {"max_anchors": 64, "gamma": 0.8}})
-    loss, stats = OPDStep(cfg, draft, target)(batch, torch.Generator().manual_seed(0))
+                                  "opd": {"max_anchors": 64, "gamma": 0.8, **opd}})
+    return OPDStep(cfg, draft, target)
+
+
+def test_opd_step_equals_a_loop_over_anchors_and_offsets():
+    """The vectorised step (walk, drafts, packed verify, chunked KL, weights) against the plain
+    definition: at each walk anchor and offset k, KL between the drafter's q_k and the target's
+    next-token distribution after text[:a+1] + d_1..d_{k-1}; forward where k <= r, reverse
+    weighted gamma^(k-1) beyond, each stream normalised, lambdas 1."""
+    from draftopd.training.blocks import replay
+    from draftopd.training.target_pass import target_states
+
+    target, draft, seqs, walks, batch = _opd_case()
+    loss, stats = _opd_step(draft, target)(batch, torch.Generator().manual_seed(0))
 
     W, B = target.get_output_embeddings().weight, draft.block_size
     acc, rej, w_rej = [], [], []
@@ -205,6 +217,36 @@ def test_opd_step_equals_a_loop_over_anchors_and_offsets():
                         w_rej.append(0.8 ** (k - 1))
     w = torch.tensor(w_rej)
     ref = (torch.stack(acc).mean() + (torch.stack(rej) * w).sum() / w.sum()) / 2
-    assert stats["scalars"]["accepted_tokens"] == sum(sum(d) for d in designs)
+    assert stats["scalars"]["accepted_tokens"] == sum(r for walk in walks for _, r in walk)
     assert stats["scalars"]["rejected_tokens"] == len(rej)
     assert torch.allclose(loss.detach(), ref, rtol=1e-4), (float(loss), float(ref))
+
+
+def test_sampled_offset_depth_is_geometric_and_unbiased():
+    from draftopd.training.opd import sample_depth
+
+    r = torch.tensor([0, 2, 5]).repeat(20000)
+    depth = sample_depth(r, 0.8, torch.Generator().manual_seed(0)).view(20000, 3)
+    for j, rj in enumerate([0, 2, 5]):
+        for k in range(rj + 1, rj + 5):
+            assert abs((depth[:, j] >= k).float().mean() - 0.8 ** (k - 1 - rj)) < 0.015
+    assert (depth >= r.view(20000, 3) + 1).all()  # the first rejection is always scored
+
+
+def test_opd_offset_sampling_keeps_the_expected_loss():
+    """Averaged over draws, the sampled rejected offsets give the full loss; each draw scores fewer rows."""
+    target, draft, _, _, batch = _opd_case()
+    full, _ = _opd_step(draft, target)(batch, torch.Generator().manual_seed(0))
+    step = _opd_step(draft, target, offset_sampling=True)
+    draws = torch.stack([step(batch, torch.Generator().manual_seed(s))[0].detach() for s in range(300)])
+    assert abs(draws.mean() / full.detach() - 1) < 0.03, (float(draws.mean()), float(full))
+    assert draws.std() > 0
+
+
+def test_offset_sampling_needs_the_decayed_exact_loss():
+    from draftopd.errors import DraftOPDError
+    from draftopd.training.config import load_config
+
+    base = {"method": "opd", "draft": {"init": "x"}, "data": {"rollouts": "x"}}
+    with pytest.raises(DraftOPDError, match="offset_sampling"):
+        load_config(None, ["opd.offset_sampling=true", "opd.loss=sampled"], base=base)

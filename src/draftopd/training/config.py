@@ -58,6 +58,15 @@ class OPDConfig(Strict):
     live_temperature: float = Field(0.0, ge=0, description="live mode: decoding temperature")
     live_max_new_tokens: int = Field(256, ge=1)
     max_anchors: int = Field(128, ge=1, description="cap on on-policy anchors per sequence per step")
+    offset_sampling: bool = Field(False, description="exact loss: score rejected offset k > r with probability "
+                                  "gamma^(k-1-r), weighted back (same expected loss; fewer verify/KL rows)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.offset_sampling and (self.loss != "exact" or self.ablation == "no_decay" or self.gamma >= 1):
+            raise ValueError("offset_sampling samples the gamma^(k-1) decay of the exact loss: it needs "
+                             "loss=exact, gamma < 1 and no no_decay ablation")
+        return self
 
 
 class LogConfig(Strict):

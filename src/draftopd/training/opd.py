@@ -13,6 +13,8 @@ One micro-batch:
    (exact, chunked over the vocabulary), or the public code's sampled estimators.
 """
 
+import math
+
 import torch
 from transformers import DynamicCache
 
@@ -42,17 +44,22 @@ def verify_mask(limit: torch.Tensor, block: torch.Tensor, present: torch.Tensor,
 
 @torch.no_grad()
 def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: torch.Tensor,
-                  accepted: torch.Tensor, valid: torch.Tensor, seq_len: int) -> torch.Tensor:
+                  accepted: torch.Tensor, valid: torch.Tensor, seq_len: int, upto: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Target's final hidden after the rejected part of each drafted block: [b, m, w, H].
 
     blocks [b, m, w] = [x_a, d_1, ..., d_{w-1}]; index i holds p(. | text < a, x_a, d_<=i).
     The accepted prefix x_a, d_1..d_r is committed text whose states the text's KV cache
     already has, so only d_{r+1}.. of each valid block are fed, packed per row; indices
-    <= r come back as zeros. The cache grows by the packed tokens (one verify per cache).
+    <= r (and >= upto [b, m], when given) come back as zeros. The cache grows by the packed
+    tokens (one verify per cache).
     """
     b, m, w = blocks.shape
     index = torch.arange(w, device=blocks.device)
-    feed = ((index > accepted[..., None]) & valid[..., None]).view(b, m * w)  # [b, m*w]
+    feed = (index > accepted[..., None]) & valid[..., None]
+    if upto is not None:
+        feed &= index < upto[..., None]
+    feed = feed.view(b, m * w)  # [b, m*w]
     out = torch.zeros(b, m * w, target.config.hidden_size, device=blocks.device)
     T = int(feed.sum(1).max())
     if T == 0:
@@ -79,12 +86,25 @@ def cap_anchors(anchors: list[int], accepted: list[int], cap: int, gen: torch.Ge
     return [anchors[k] for k in keep], [accepted[k] for k in keep]
 
 
+def sample_depth(accepted: torch.Tensor, gamma: float, gen: torch.Generator) -> torch.Tensor:
+    """Per block, the last rejected offset to score: P(depth >= k) = gamma^(k-1-r) for k > r.
+
+    The first rejection (k = r+1) is always scored; a kept offset's weight gamma^(k-1)
+    divided by its keep probability is gamma^r, so the weighted sum is unbiased.
+    accepted [b, m] -> depth [b, m] (an offset, may exceed B-1).
+    """
+    u = torch.rand(accepted.shape, generator=gen).clamp_min(1e-12).to(accepted.device)
+    return accepted + 1 + (u.log() / math.log(gamma)).floor().long()
+
+
 def combine_kl(kl: torch.Tensor, accepted: torch.Tensor, rejected: torch.Tensor, w_rej: torch.Tensor,
-               lambda_acc: float, lambda_rej: float) -> tuple[torch.Tensor, dict]:
+               lambda_acc: float, lambda_rej: float, rej_norm: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict]:
     """The paper's loss over rows: L = (l_acc * L_acc + l_rej * L_rej) / (l_acc + l_rej).
 
     L_acc = mean KL over accepted rows; L_rej = sum(w * KL) / sum(w) over rejected rows, with
-    w = gamma^(k-1). A stream with no rows this batch drops out of numerator and denominator.
+    w = gamma^(k-1) (`rej_norm` replaces sum(w) when the rows are a weighted sample of them).
+    A stream with no rows this batch drops out of numerator and denominator.
     """
     parts, lambdas, scalars = [], [], {}
     if accepted.any():
@@ -94,7 +114,7 @@ def combine_kl(kl: torch.Tensor, accepted: torch.Tensor, rejected: torch.Tensor,
         scalars["loss_acc"] = float(l_acc.detach())
     if rejected.any():
         w = w_rej[rejected]
-        l_rej = (kl[rejected] * w).sum() / w.sum()
+        l_rej = (kl[rejected] * w).sum() / (w.sum() if rej_norm is None else rej_norm)
         parts.append(lambda_rej * l_rej)
         lambdas.append(lambda_rej)
         scalars["loss_rej"] = float(l_rej.detach())
@@ -189,6 +209,15 @@ class OPDStep:
         k = torch.arange(1, B, device=device)  # offsets
         accepted = (k[None, None] <= r[..., None]) & valid[..., None]  # [b, m, B-1]
         rejected = (k[None, None] > r[..., None]) & valid[..., None]
+        n_rejected = int(rejected.sum())
+        w_rej = offset_weights(B, o.gamma, "none" if o.ablation == "no_decay" else "pow").to(device)
+        w_rej = w_rej.expand_as(accepted)
+        rej_norm, depth = None, None
+        if o.offset_sampling:
+            rej_norm = w_rej[rejected].sum()
+            depth = sample_depth(r, o.gamma, gen)  # score rejected offsets r < k <= depth
+            rejected = rejected & (k[None, None] <= depth[..., None])
+            w_rej = (o.gamma ** r.float())[..., None].expand_as(accepted)  # gamma^(k-1) / P(keep k)
 
         # drafts (argmax of q) where the text does not fix them: offsets after the first rejection
         text_pos = (anchors[..., None] + k).clamp(max=n - 1)
@@ -206,13 +235,11 @@ class OPDStep:
                                 .expand(-1, -1, text_h.shape[-1])).view(b, m, B - 1, -1)
         if (rejected & ~from_text).any():
             blocks = torch.cat([ids.gather(1, anchors)[..., None], drafts[..., :-1]], dim=-1)  # [b, m, B-1]
-            ver = verify_states(target, cache, blocks, anchors, r, valid, n)  # [b, m, B-1, H]: offsets > r+1
+            ver = verify_states(target, cache, blocks, anchors, r, valid, n, upto=depth)  # [b, m, B-1, H]: offsets > r+1
             teacher = torch.where(from_text[..., None], teacher, ver.to(teacher.dtype))
 
-        rows = valid[..., None].expand_as(accepted)
-        flat = lambda t: t[rows]  # noqa: E731 -- [N, ...] over valid (anchor, offset) rows
-        w_rej = offset_weights(B, o.gamma, "none" if o.ablation == "no_decay" else "pow").to(device)
-        w_rej = w_rej.expand_as(accepted)
+        rows = accepted | rejected
+        flat = lambda t: t[rows]  # noqa: E731 -- [N, ...] over scored (anchor, offset) rows
         if o.loss == "exact":
             forward = accepted.clone()
             if o.ablation == "all_forward":
@@ -221,7 +248,7 @@ class OPDStep:
                 forward[:] = False
             kl = kl_rows(flat(hidden), flat(teacher), head, flat(forward), o.teacher_temperature)
             loss, stats_scalars = combine_kl(kl, flat(accepted), flat(rejected), flat(w_rej), o.lambda_acc,
-                                             o.lambda_rej)
+                                             o.lambda_rej, rej_norm)
         else:
             commit = (k[None, None] <= r[..., None] + 1) & valid[..., None] & (anchors[..., None] + k < lengths[:, None, None])
             loss, stats_scalars = sampled_terms(
@@ -235,7 +262,7 @@ class OPDStep:
         stats = {
             "scalars": {**stats_scalars,
                         "tau_walk": sum(walk_lengths) / max(len(walk_lengths), 1),
-                        "accepted_tokens": float(accepted.sum()), "rejected_tokens": float(rejected.sum())},
+                        "accepted_tokens": float(accepted.sum()), "rejected_tokens": float(n_rejected)},
             "vectors": {"accept_rate_per_offset": (reached, torch.full_like(reached, int(valid.sum())))},
             "blocks": int(valid.sum()),
         }
