@@ -4,7 +4,8 @@ Prints (medians of repeated runs, all in one process):
   - the target's no-grad forward over one sequence (the work that yields features/teachers);
   - the drafter's forward+backward over N random anchors (SFT) and its ratio to the above
     (goal: <= 2x at 512 anchors);
-  - one SFT update and one OPD update (cached mode) on the same sequence (goal: OPD <= 3x SFT);
+  - one SFT update and one OPD update (cached mode, with and without offset sampling) on the
+    same sequence (goal: OPD <= 3x SFT);
   - one OPD update in cached vs live mode at equal batch (goal: cached >= 2x faster);
   - peak resident memory.
 
@@ -95,11 +96,12 @@ def main() -> None:
     t_sft = timed(sft_fwd_bwd, args.reps)
     anchors = min(args.anchors, L - 1 - P)
 
-    def cfg(mode):
+    def cfg(mode, offset_sampling=False):
         return load_config(None, base={"method": "opd", "draft": {"init": "x", "block_size": draft.block_size},
                                        "data": {"rollouts": "x"},
                                        "opd": {"rollout_mode": mode, "max_anchors": args.opd_anchors,
-                                               "refresh_every": 1, "live_max_new_tokens": L - P}})
+                                               "refresh_every": 1, "live_max_new_tokens": L - P,
+                                               "offset_sampling": offset_sampling}})
 
     def opd_update(step):
         loss, stats = step(batch, torch.Generator().manual_seed(0))
@@ -110,6 +112,7 @@ def main() -> None:
     cached = OPDStep(cfg("cached"), draft, target.model)
     live = OPDStep(cfg("live"), draft, target.model)
     t_opd = timed(lambda: opd_update(cached), args.reps)
+    t_sampled = timed(lambda: opd_update(OPDStep(cfg("cached", True), draft, target.model)), args.reps)
     t_live = timed(lambda: opd_update(live), max(1, args.reps // 2))
     stats = opd_update(cached)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -120,6 +123,8 @@ def main() -> None:
           f"  (goal <= 2x the target forward)")
     print(f"{'OPD update, cached (walk + replay + verify + KL)':<58} {t_opd:>9.3f} {t_opd / t_sft:>7.2f}x"
           f"  of the SFT update (goal <= 3x)")
+    print(f"{'OPD update, cached, opd.offset_sampling (same expected loss)':<58} {t_sampled:>9.3f} "
+          f"{t_sampled / t_sft:>7.2f}x  of the SFT update")
     print(f"{'OPD update, live (speculative decode + replay + KL)':<58} {t_live:>9.3f} {t_live / t_opd:>7.2f}x"
           f"  of cached (goal >= 2x)")
     print(f"\nSFT throughput: {L / (t_sft + t_target):.0f} sequence tokens/s incl. target pass, "
