@@ -78,7 +78,8 @@ def run_demo(plan: DemoPlan = DemoPlan()) -> dict:
     opd_cfg = load_config(None, base={
         **common, "method": "opd", "out_dir": str(out / "opd"), "max_minutes": plan.opd_minutes,
         "batch_size": 2, "draft": {"init": str(sft), "block_size": plan.block_size},
-        "optim": {"lr": 3e-4, "warmup_ratio": 0.05, "min_lr_ratio": 0.1}, "opd": {"max_anchors": 48}})
+        "optim": {"lr": 3e-4, "warmup_ratio": 0.05, "min_lr_ratio": 0.1},
+        "opd": {"max_anchors": 48, "offset_sampling": True}})
     _say(f"3/4 Draft-OPD from the SFT drafter for {plan.opd_minutes} min")
     opd = _train_phase(opd_cfg)
 
