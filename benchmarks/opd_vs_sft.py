@@ -14,7 +14,8 @@ The measured protocol (README):
         data.rollouts=runs/demo/rollouts target_dtype=bf16 epochs=1000 max_minutes=22 sft.num_anchors=48 \
         optim.warmup_ratio=0.02 optim.min_lr_ratio=0.1 log.eval_every=60 out_dir=runs/sft-plateau
     python benchmarks/opd_vs_sft.py --start runs/sft-plateau/final --rollouts runs/demo/rollouts \
-        --minutes 4 --variant opd-exact= --variant opd-all-forward=opd.ablation=all_forward --seed 0
+        --minutes 8 --variant opd-exact-os=opd.offset_sampling=true --seed 0    # and seeds 1, 2
+    # 4-minute variants: --minutes 4 --variant opd-exact= --variant opd-all-forward=opd.ablation=all_forward
 """
 
 import argparse
