@@ -110,9 +110,10 @@ def main() -> None:
         return stats
 
     cached = OPDStep(cfg("cached"), draft, target.model)
+    sampled = OPDStep(cfg("cached", offset_sampling=True), draft, target.model)
     live = OPDStep(cfg("live"), draft, target.model)
     t_opd = timed(lambda: opd_update(cached), args.reps)
-    t_sampled = timed(lambda: opd_update(OPDStep(cfg("cached", True), draft, target.model)), args.reps)
+    t_sampled = timed(lambda: opd_update(sampled), args.reps)
     t_live = timed(lambda: opd_update(live), max(1, args.reps // 2))
     stats = opd_update(cached)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -43,7 +43,8 @@ def test_batched_verify_equals_each_block_alone():
         attn = (torch.arange(14)[None] < lengths[:, None]).long()
         with torch.no_grad():
             base_model(target)(input_ids=ids, attention_mask=attn, cache=cache, use_cache=True)
-            ver = verify_states(target, cache, blocks, anchors, accepted, valid, 14)
+            feed = (torch.arange(4) > accepted[..., None]) & valid[..., None]
+            ver = verify_states(target, cache, blocks, anchors, accepted, feed, 14)
             for i in range(2):
                 for j in range(3):
                     a, r = int(anchors[i, j]), int(accepted[i, j])

@@ -44,22 +44,17 @@ def verify_mask(limit: torch.Tensor, block: torch.Tensor, present: torch.Tensor,
 
 @torch.no_grad()
 def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: torch.Tensor,
-                  accepted: torch.Tensor, valid: torch.Tensor, seq_len: int, upto: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """Target's final hidden after the rejected part of each drafted block: [b, m, w, H].
+                  accepted: torch.Tensor, feed: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Target's final hidden after the fed tokens of the drafted blocks: [b, m, w, H].
 
     blocks [b, m, w] = [x_a, d_1, ..., d_{w-1}]; index i holds p(. | text < a, x_a, d_<=i).
     The accepted prefix x_a, d_1..d_r is committed text whose states the text's KV cache
-    already has, so only d_{r+1}.. of each valid block are fed, packed per row; indices
-    <= r (and >= upto [b, m], when given) come back as zeros. The cache grows by the packed
-    tokens (one verify per cache).
+    already has, so only indices where `feed` [b, m, w] is set (each block's a run starting
+    at r+1) are fed, packed per row; the others come back as zeros. The cache grows by the
+    packed tokens (one verify per cache).
     """
     b, m, w = blocks.shape
-    index = torch.arange(w, device=blocks.device)
-    feed = (index > accepted[..., None]) & valid[..., None]
-    if upto is not None:
-        feed &= index < upto[..., None]
-    feed = feed.view(b, m * w)  # [b, m*w]
+    feed = feed.reshape(b, m * w)
     out = torch.zeros(b, m * w, target.config.hidden_size, device=blocks.device)
     T = int(feed.sum(1).max())
     if T == 0:
@@ -67,7 +62,7 @@ def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: to
     slot = torch.argsort((~feed).to(torch.uint8), dim=1, stable=True)[:, :T]  # fed slots first, in order
     present = feed.gather(1, slot)
     block = slot // w
-    positions = (anchors[..., None] + index).view(b, m * w).gather(1, slot)
+    positions = (anchors[..., None] + torch.arange(w, device=blocks.device)).view(b, m * w).gather(1, slot)
     limit = (anchors + accepted + 1).gather(1, block)  # text the block's fed tokens see
     model = base_model(target)
     h = model(input_ids=blocks.view(b, m * w).gather(1, slot), position_ids=positions,
@@ -212,7 +207,7 @@ class OPDStep:
         n_rejected = int(rejected.sum())
         w_rej = offset_weights(B, o.gamma, "none" if o.ablation == "no_decay" else "pow").to(device)
         w_rej = w_rej.expand_as(accepted)
-        rej_norm, depth = None, None
+        rej_norm = None
         if o.offset_sampling:
             rej_norm = w_rej[rejected].sum()
             depth = sample_depth(r, o.gamma, gen)  # score rejected offsets r < k <= depth
@@ -233,9 +228,10 @@ class OPDStep:
         from_text = (k[None, None] <= r[..., None] + 1)
         teacher = text_h.gather(1, (anchors[..., None] + k - 1).clamp(max=n - 1).view(b, -1, 1)
                                 .expand(-1, -1, text_h.shape[-1])).view(b, m, B - 1, -1)
-        if (rejected & ~from_text).any():
+        need = rejected & ~from_text  # offset k's state comes from block index k-1: same layout
+        if need.any():
             blocks = torch.cat([ids.gather(1, anchors)[..., None], drafts[..., :-1]], dim=-1)  # [b, m, B-1]
-            ver = verify_states(target, cache, blocks, anchors, r, valid, n, upto=depth)  # [b, m, B-1, H]: offsets > r+1
+            ver = verify_states(target, cache, blocks, anchors, r, need, n)  # [b, m, B-1, H]
             teacher = torch.where(from_text[..., None], teacher, ver.to(teacher.dtype))
 
         rows = accepted | rejected
