@@ -74,7 +74,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_rollouts(tiny_dir, tmp_path_factory):
     """Greedy continuations by the tiny target itself, so the text is on the target's policy."""
-    target = load_target(str(tiny_dir))
+    target = load_target(str(tiny_dir), dtype="fp32")
     g = torch.Generator().manual_seed(0)
     rollouts = []
     for i in range(12):

@@ -28,7 +28,7 @@ def run(smollm, tmp_path_factory):
                                  RolloutSettings(max_new_tokens=48, batch_size=20), progress=False)
     untrained = save_drafter(init_drafter(smollm, num_layers=1, block_size=8, seed=0), root / "untrained")
     cfg = load_config(None, base={
-        "method": "sft", "target": "smollm2-135m", "out_dir": str(root / "sft"), "max_steps": 50, "batch_size": 4,
+        "method": "sft", "target": "smollm2-135m", "target_dtype": "fp32", "out_dir": str(root / "sft"), "max_steps": 50, "batch_size": 4,
         "draft": {"init": str(untrained), "block_size": 8}, "data": {"rollouts": str(rollouts), "max_length": 256},
         "optim": {"lr": 2e-3, "warmup_ratio": 0.05, "min_lr_ratio": 0.1}, "sft": {"num_anchors": 32, "gamma": 4.0},
         "log": {"every": 5, "save_every": 50, "progress": False}})
@@ -68,7 +68,7 @@ def test_walk_equals_live_decoding(smollm, run):
 
 def test_opd_from_sft_runs_on_the_real_target(run):
     cfg = load_config(None, base={
-        "method": "opd", "target": "smollm2-135m", "out_dir": str(run["root"] / "opd"), "max_steps": 4,
+        "method": "opd", "target": "smollm2-135m", "target_dtype": "fp32", "out_dir": str(run["root"] / "opd"), "max_steps": 4,
         "batch_size": 2, "draft": {"init": str(run["sft"].final_drafter), "block_size": 8},
         "data": {"rollouts": str(run["rollouts"]), "max_length": 256}, "opd": {"max_anchors": 24},
         "optim": {"lr": 3e-4}, "log": {"every": 1, "progress": False}})

@@ -150,7 +150,7 @@ def test_cli_resume_after_a_kill_and_offline_rollouts(smollm, run, tmp_path, cap
 
     rc = main(["eval", "--draft", str(root / DRAFTERS[0]), "--draft", str(root / DRAFTERS[1]),
                "--bench", ",".join(BENCHES), "--samples", "1", "--max-new-tokens", str(NEW_TOKENS),
-               "--out", str(out), "--resume", "--offline-rollouts", str(tmp_path / "rollouts")])
+               "--out", str(out), "--dtype", "fp32", "--resume", "--offline-rollouts", str(tmp_path / "rollouts")])
     assert rc == 0, capsys.readouterr().err
     resumed = json.loads((out / "results.json").read_text())
     assert len((out / SAMPLES).read_text().splitlines()) == len(lines)

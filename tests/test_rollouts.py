@@ -142,6 +142,6 @@ def test_cli_resumes_finished_run(reference, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(reference[0], out)
     rc = main(["rollout", "--target", "smollm2-135m", "--prompts", SPEC, "--out", str(out),
-               "--max-new-tokens", "16", "--batch-size", "3"])
+               "--max-new-tokens", "16", "--batch-size", "3", "--dtype", "fp32"])
     assert rc == 0
     assert capsys.readouterr().out.startswith("rollouts: 6 (0 new) | ")

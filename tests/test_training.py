@@ -16,7 +16,7 @@ from draftopd.training.trainer import train
 
 
 def cfg_for(method, tiny_dir, rollouts, out, **extra):
-    base = {"method": method, "target": str(tiny_dir), "out_dir": str(out), "max_steps": 6, "batch_size": 2,
+    base = {"method": method, "target": str(tiny_dir), "target_dtype": "fp32", "out_dir": str(out), "max_steps": 6, "batch_size": 2,
             "draft": {"num_layers": 1, "block_size": 4}, "data": {"rollouts": str(rollouts), "max_length": 64},
             "sft": {"num_anchors": 8, "gamma": 4.0}, "log": {"every": 1, "save_every": 3, "progress": False},
             "optim": {"lr": 3e-3, "warmup_ratio": 0.0}}
@@ -124,7 +124,7 @@ def test_bad_inputs(tiny_dir, tiny_rollouts, tmp_path):
                       **{"draft.init": str(sft.final_drafter), "draft.block_size": 8}))
     # responses too short to train on (an EOS alone)
     empty = tmp_path / "empty-rollouts"
-    target = load_target(str(tiny_dir))
+    target = load_target(str(tiny_dir), dtype="fp32")
     write_rollouts(empty, {"target": target_identity(target.model, target.name)},
                    [Rollout("e:0", [1, 2, 3], [2], "stop")])  # just an EOS
     with pytest.raises(DraftOPDError, match="no usable rollouts"):

@@ -2,6 +2,8 @@
 
 import argparse
 
+from draftopd.cli import DTYPE_CHOICES, DTYPE_HELP
+
 
 def _benches(text: str) -> list[str]:
     return [b.strip() for b in text.split(",") if b.strip()]
@@ -55,7 +57,8 @@ def register(sub) -> None:
     s.add_argument("--max-prompt-tokens", type=int, default=None, help="skip longer prompts (chat-templated)")
     s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="chat template thinking switch for targets that have one (Qwen3)")
-    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="target and drafter weights")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help=f"target and drafter weights; {DTYPE_HELP} (default %(default)s)")
     s.add_argument("--device", default=None, help="e.g. cuda:1 (default: cuda if available, else cpu)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (per sample: seed + hash of its id)")
     s.add_argument("--out", default="runs/eval", help="output directory (default %(default)s)")

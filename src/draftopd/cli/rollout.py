@@ -6,6 +6,8 @@ import sys
 import time
 from functools import partial
 
+from draftopd.cli import DTYPE_CHOICES, DTYPE_HELP
+
 
 def register(sub) -> None:
     s = sub.add_parser(
@@ -27,7 +29,8 @@ def register(sub) -> None:
                    help="skip prompts longer than this after the chat template (default %(default)s)")
     s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="chat template thinking switch for targets that have one (Qwen3)")
-    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="target weights (default %(default)s)")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help=f"target weights; {DTYPE_HELP} (default %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed; batch i uses seed + i (default %(default)s)")
     s.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="hf: batched transformers generate here; vllm: vLLM's offline engine in this process "

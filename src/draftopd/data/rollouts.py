@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from draftopd.data.prompts import Prompt, apply_chat_template
 from draftopd.errors import DraftOPDError
+from draftopd.model.precision import dtype_name, hardware_record
 from draftopd.model.target import stop_token_ids, target_identity
 
 FORMAT = "draftopd-rollouts/1"
@@ -71,7 +72,8 @@ def generate_rollouts(target, prompts: list[Prompt], out_dir, settings: RolloutS
     tok, model = target.tokenizer, target.model
     prompt_ids = prompt_token_ids(tok, prompts, settings)
     meta = {"format": FORMAT, "target": target_identity(model, target.name),
-            "dtype": str(target.dtype).removeprefix("torch."), "settings": asdict(settings),
+            "dtype": dtype_name(target.dtype), "hardware": hardware_record(target.dtype, target.device),
+            "settings": asdict(settings),
             "prompts": prompt_spec, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "token_ids": "exact"}
     done = _start_or_resume(out, meta)

@@ -21,7 +21,7 @@ from draftopd.data.rollouts import (FORMAT, RECORDS, RolloutSettings, _append, _
 from draftopd.errors import DraftOPDError
 from draftopd.model.target import resolve_target
 
-VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _import_vllm():

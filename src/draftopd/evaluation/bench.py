@@ -23,6 +23,7 @@ from draftopd.errors import DraftOPDError
 from draftopd.evaluation.metrics import mean_tau, speedup, summarize_runs
 from draftopd.evaluation.offline import offline_tau, offline_walks
 from draftopd.model.checkpoint import drafter_target_name
+from draftopd.model.precision import dtype_name, hardware_record
 from draftopd.model.target import stop_token_ids, target_identity
 
 SAMPLES, SETTINGS = "samples.jsonl", "settings.json"
@@ -314,8 +315,8 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, te
     rollouts = _load_rollouts(offline_rollouts, target) if offline_rollouts else None
 
     sizes = {name: block_size or d.block_size for name, d in drafters.items()}
-    settings = {"target": target_identity(target.model, target.name), "dtype": str(target.dtype).removeprefix("torch."),
-                "device": str(target.device), "temperature": temperature, "max_new_tokens": max_new_tokens,
+    settings = {"target": target_identity(target.model, target.name), "dtype": dtype_name(target.dtype),
+                "device": str(target.device), "hardware": hardware_record(target.dtype, target.device), "temperature": temperature, "max_new_tokens": max_new_tokens,
                 "block_size": block_size, "thinking": thinking, "max_prompt_tokens": max_prompt_tokens, "seed": seed}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from draftopd.errors import DraftOPDError
+from draftopd.model.precision import describe_auto, parse_dtype
 
 EMBEDDED = {
     "smollm2-135m": {
@@ -31,18 +33,6 @@ EMBEDDED = {
         "name": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
     }
 }
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise DraftOPDError(f"dtype {name!r} is not supported; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DRAFTOPD_CACHE", Path.home() / ".cache" / "draftopd"))
@@ -143,14 +133,25 @@ def target_identity(model: nn.Module, name: str | None = None) -> dict:
     }
 
 
-def load_target(spec: str, *, dtype: str | torch.dtype = "fp32", device: str = "cpu") -> Target:
-    """Load a target by HF id, local path or embedded alias; frozen, eval mode."""
+_ANNOUNCED: set[str] = set()
+
+
+def load_target(spec: str, *, dtype: str | torch.dtype = "auto", device: str = "cpu") -> Target:
+    """Load a target by HF id, local path or embedded alias; frozen, eval mode.
+
+    `dtype="auto"` (the default) is bf16 on CUDA and on CPUs with fast bf16, else fp32; the
+    choice and its reason are printed once per process.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_target(spec)
+    line = describe_auto(dtype, device)
+    if line and line not in _ANNOUNCED:
+        _ANNOUNCED.add(line)
+        print(f"draftopd: {line}", file=sys.stderr, flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype, device))
     except (OSError, ValueError) as e:  # no weights / no tokenizer / unknown architecture
         raise DraftOPDError(f"target {spec!r}: could not load ({str(e).strip().splitlines()[0]})") from None
     model.to(device).eval().requires_grad_(False)

@@ -83,7 +83,8 @@ class LogConfig(Strict):
 class TrainConfig(Strict):
     method: Literal["sft", "opd"]
     target: str = "smollm2-135m"
-    target_dtype: Literal["fp32", "bf16"] = "fp32"
+    target_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on CUDA and on CPUs with fast bf16, else fp32")
     out_dir: str = "runs/train"
     seed: int = 0
     device: str = "cpu"

@@ -17,6 +17,7 @@ from draftopd.data.rollouts import load_rollouts
 from draftopd.errors import DraftOPDError
 from draftopd.evaluation.offline import offline_tau
 from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_drafter
+from draftopd.model.precision import hardware_record
 from draftopd.model.target import load_target, target_identity
 from draftopd.training import parallel
 from draftopd.training.checkpointing import (export_drafter, latest_checkpoint, load_trainer_state, save_checkpoint,
@@ -238,7 +239,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             heldout = offline_tau(load_drafter(final, device=cfg.device), target.model, held)
             log.log(step, {"heldout_tau": heldout["tau"]})
         write_json_atomic(out / "summary.json", {"steps": step, "skipped_steps": skipped, "heldout": heldout,
-                                                  "final_drafter": str(final), "wall_s": sched.elapsed()})
+                                                  "final_drafter": str(final), "wall_s": sched.elapsed(),
+                                                  "hardware": hardware_record(target.dtype, target.device)})
     log.close()
     parallel.barrier(ctx)
     return TrainResult(out, final, step, skipped, heldout)
