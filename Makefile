@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up, then rollouts -> SFT -> Draft-OPD -> evaluation on the embedded SmolLM2-135M
+#   make demo   set up, then fresh rollouts -> Draft-OPD from the shipped drafter -> evaluation on the embedded SmolLM2-135M
 #   make test   set up, then the test suite
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -10,7 +10,7 @@ setup:
 	@$(PYTHON) scripts/bootstrap.py
 
 demo: setup
-	draftopd demo
+	$(PYTHON) -m draftopd demo
 
 test: setup
 	$(PYTHON) -m pytest -q

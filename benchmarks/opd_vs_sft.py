@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from draftopd.evaluation.metrics import tau_ratio
+
 
 def decoded(draft, target, prompts, max_new_tokens: int) -> torch.Tensor:
     """Per prompt (tokens committed, verify steps) of greedy `spec_generate`: [prompts, 2]."""
@@ -42,16 +44,6 @@ def decoded(draft, target, prompts, max_new_tokens: int) -> torch.Tensor:
 
 def tau(counts: torch.Tensor) -> float:
     return float(counts[:, 0].sum() / counts[:, 1].sum().clamp_min(1))
-
-
-def ratio_interval(a: torch.Tensor, b: torch.Tensor, draws: int = 2000) -> tuple[float, float]:
-    """95% bootstrap interval of tau(a) / tau(b), resampling prompts (paired: same prompts in both)."""
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, a.shape[0], (draws, a.shape[0]), generator=g)
-    ta = a[idx, 0].sum(1) / a[idx, 1].sum(1)
-    tb = b[idx, 0].sum(1) / b[idx, 1].sum(1)
-    lo, hi = torch.quantile(ta / tb, torch.tensor([0.025, 0.975])).tolist()
-    return lo, hi
 
 
 def main() -> None:
@@ -134,8 +126,8 @@ def main() -> None:
     ratios = {}
     for name in runs:
         if name != "sft-continued":
-            lo, hi = ratio_interval(counts[name], sft)
-            ratios[name] = (tau(counts[name]) / tau(sft), lo, hi)
+            ratios[name] = tau_ratio(counts[name].tolist(), sft.tolist())
+            lo, hi = ratios[name][1:]
             print(f"{name} / continued SFT: {ratios[name][0]:.3f}x (95% interval over prompts {lo:.3f}-{hi:.3f}; "
                   f"goal >= 1.05x)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -144,6 +136,7 @@ def main() -> None:
                       "per_prompt_tokens_steps": counts[k].tolist()} for k, v in info.items()},
          "ratios_vs_sft": ratios, "minutes": args.minutes, "seed": args.seed, "batch_size": args.batch_size,
          "lr": args.lr, "heldout": args.heldout}, indent=2))
+
 
 if __name__ == "__main__":
     main()

@@ -197,3 +197,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "--samples must be positive" in capsys.readouterr().err
     assert main(["eval", "--draft", str(small), "--name", "a", "--name", "b"]) == 2
     assert "--name must be given once per --draft" in capsys.readouterr().err
+
+
+def test_tau_ratio_interval_is_paired_over_prompts():
+    from draftopd.evaluation.metrics import tau_ratio
+
+    base = [(10, 10), (30, 10), (20, 10), (15, 10)]  # tau 1.0-3.0 per prompt
+    better = [(int(t * 1.1), s) for t, s in base]  # 10% more tokens per step on every prompt
+    ratio, lo, hi = tau_ratio(better, base)
+    assert ratio == pytest.approx(75 / 75 * 1.1, rel=0.02)
+    assert 1.05 < lo <= ratio <= hi < 1.15  # paired: prompt difficulty cancels, the interval is narrow
+    mixed = [(12, 10), (27, 10), (24, 10), (12, 10)]  # better on half the prompts, worse on the others
+    _, lo, hi = tau_ratio(mixed, base)
+    assert lo < 1.0 < hi
+    with pytest.raises(ValueError, match="same non-empty prompts"):
+        tau_ratio(base[:2], base)

@@ -61,12 +61,13 @@ class RolloutSettings:
 
 
 def generate_rollouts(target, prompts: list[Prompt], out_dir, settings: RolloutSettings, *,
-                      prompt_spec: str = "", progress: bool = True) -> Path:
+                      prompt_spec: str = "", progress: bool = True, max_seconds: float | None = None) -> Path:
     """Write the target's response to each prompt into `out_dir`, resuming a run left there.
 
     Prompts are sorted longest first (less padding; an out-of-memory shows at once) and cut
     into batches before finished ones are skipped, so a resumed run forms the same batches,
     and seeds, as an uninterrupted one. Prompts over `settings.max_prompt_tokens` are skipped.
+    `max_seconds` starts no new batch once that much time has passed (a rerun continues).
     """
     out = Path(out_dir)
     tok, model = target.tokenizer, target.model
@@ -100,6 +101,8 @@ def generate_rollouts(target, prompts: list[Prompt], out_dir, settings: RolloutS
             tokens += sum(len(r) for r in responses)
             bar.update(len(batch))
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.1f} tok/s")
+            if max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
+                break
     return out
 
 

@@ -66,3 +66,25 @@ def summarize_runs(records: Sequence[dict], block_size: int | None = None) -> di
         out["acceptance_histogram"] = acceptance_histogram(flat, block_size)
         out["offset_acceptance"] = offset_acceptance(flat, block_size)
     return out
+
+
+def tau_ratio(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]], draws: int = 2000,
+              seed: int = 0) -> tuple[float, float, float]:
+    """tau(a) / tau(b) and its 95% paired bootstrap interval over prompts.
+
+    `a[i]`, `b[i]` = (generated tokens, verify steps) of prompt i under two drafters; prompts
+    are resampled jointly, so the interval reflects how much the ratio depends on which
+    prompts were drawn. Returns (ratio, low, high).
+    """
+    import torch
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need the same non-empty prompts for both drafters, got {len(a)} and {len(b)}")
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(a), (draws, len(a)), generator=g)
+    ra = ta[idx, 0].sum(1) / ta[idx, 1].sum(1).clamp_min(1)
+    rb = tb[idx, 0].sum(1) / tb[idx, 1].sum(1).clamp_min(1)
+    lo, hi = torch.quantile(ra / rb, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    ratio = (ta[:, 0].sum() / ta[:, 1].sum().clamp_min(1)) / (tb[:, 0].sum() / tb[:, 1].sum().clamp_min(1))
+    return float(ratio), lo, hi
