@@ -1,30 +1,41 @@
-"""The one-command demo on the embedded target: rollouts -> SFT -> Draft-OPD -> evaluation.
+"""The one-command demo on the embedded target, mirroring the paper's recipe at toy scale.
 
-Every phase is resumable (rollouts skip finished prompts, training resumes from its last
-checkpoint, a finished phase is skipped), so an interrupted demo picks up where it stopped.
-Training phases are bounded by wall time, which keeps the demo within its budget on any CPU.
+Default: the shipped SFT drafter `smollm2-135m-dflash` (the analogue of
+z-lab/Qwen3-4B-DFlash-b16) is post-trained by Draft-OPD for a few minutes on fresh target
+rollouts, then target alone, shipped drafter and Draft-OPD drafter are compared side by
+side. `from_scratch` instead trains a new drafter by SFT first (init -> SFT -> Draft-OPD).
+
+Every phase has a wall-time budget and is sized by what this machine measures, not by a
+constant: rollouts stop starting batches at their budget, training stops at its budget, and
+the evaluation picks its prompt counts from the measured decoding speed. Every phase is
+resumable (rollouts skip finished prompts, training resumes from its last checkpoint, a
+finished phase is skipped), so an interrupted demo picks up where it stopped.
 """
+
+from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from draftopd.training.checkpointing import latest_checkpoint
+SHIPPED = "smollm2-135m-dflash"
+PHASE_MINUTES = {"rollouts": 1.5, "sft": 3.0, "opd": 4.0, "eval": 2.5}  # sft: only with from_scratch
 
 
 @dataclass
 class DemoPlan:
     out_dir: str = "runs/demo"
     target: str = "smollm2-135m"
-    train_prompts: str = "gsm8k[:128],sharegpt[:32]"
-    eval_benches: tuple[str, ...] = ("gsm8k[1200:]", "humaneval[100:]", "mt-bench[60:]")
-    eval_samples: int = 1
-    max_new_tokens: int = 96
-    eval_max_new_tokens: int = 48
-    block_size: int = 8
-    sft_minutes: float = 3.0
-    opd_minutes: float = 1.5
+    drafter: str = SHIPPED
+    from_scratch: bool = False
+    dtype: str = "auto"
+    # Fresh prompts: the shipped drafter was trained on gsm8k[:640], humaneval[:100], mt-bench[:60], sharegpt[:200].
+    train_prompts: str = "gsm8k[640:1200],sharegpt[200:400]"
+    heldout: tuple[str, ...] = ("gsm8k[1200:]", "humaneval[100:]", "mt-bench[60:]")
+    max_new_tokens: int = 128
+    block_size: int = 8  # of a from-scratch drafter
+    budget_minutes: dict = field(default_factory=lambda: dict(PHASE_MINUTES))
     seed: int = 0
 
 
@@ -33,6 +44,7 @@ def _say(msg: str) -> None:
 
 
 def _train_phase(cfg) -> Path:
+    from draftopd.training.checkpointing import latest_checkpoint
     from draftopd.training.trainer import train
 
     final = Path(cfg.out_dir) / "final"
@@ -43,65 +55,160 @@ def _train_phase(cfg) -> Path:
     return res.final_drafter
 
 
-def run_demo(plan: DemoPlan = DemoPlan()) -> dict:
+def _rollouts(target, spec: str, out: Path, plan: DemoPlan, minutes: float, what: str) -> Path:
     from draftopd.data.prompts import load_prompts
-    from draftopd.data.rollouts import RolloutSettings, generate_rollouts
-    from draftopd.evaluation.bench import evaluate
+    from draftopd.data.rollouts import RolloutSettings, generate_rollouts, read_records
+
+    settings = RolloutSettings(max_new_tokens=plan.max_new_tokens, batch_size=16, max_prompt_tokens=256,
+                               seed=plan.seed)
+    t0 = time.perf_counter()
+    generate_rollouts(target, load_prompts(spec, tokenizer=target.tokenizer), out, settings, prompt_spec=spec,
+                      max_seconds=minutes * 60)
+    records = read_records(out)
+    tokens = sum(len(r.response_ids) for r in records)
+    _say(f"{what}: {len(records)} responses, {tokens} tokens in {time.perf_counter() - t0:.0f} s "
+         f"(budget {minutes} min)")
+    return out
+
+
+def run_demo(plan: DemoPlan = DemoPlan()) -> dict:
     from draftopd.model.checkpoint import init_drafter, load_drafter, save_drafter
+    from draftopd.model.precision import hardware_record
     from draftopd.model.target import load_target
     from draftopd.training.config import load_config
 
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    budget = plan.budget_minutes
     t0 = time.time()
+    target = load_target(plan.target, dtype=plan.dtype)
+    hw = hardware_record(target.dtype, target.device)
+    _say(f"target {plan.target} in {hw['dtype']} on {hw.get('cpu_capability') or hw.get('gpu')} "
+         f"({hw['threads']} threads); phase budgets {budget} min")
 
-    _say(f"1/4 rollouts: the target answers {plan.train_prompts} (greedy, bf16, <= {plan.max_new_tokens} tokens)")
-    target = load_target(plan.target, dtype="bf16")
-    settings = RolloutSettings(max_new_tokens=plan.max_new_tokens, batch_size=32, max_prompt_tokens=256,
-                               seed=plan.seed)
-    rollouts = generate_rollouts(target, load_prompts(plan.train_prompts, tokenizer=target.tokenizer),
-                                 out / "rollouts", settings, prompt_spec=plan.train_prompts)
-
-    untrained = out / "untrained"
-    if not untrained.exists():
-        save_drafter(init_drafter(target, num_layers=1, block_size=plan.block_size, seed=plan.seed), untrained)
-    common = {"target": plan.target, "target_dtype": "bf16", "seed": plan.seed, "epochs": 1000,
-              "data": {"rollouts": str(rollouts), "max_length": 384, "eval_fraction": 0.1},
+    _say(f"1/3 rollouts: the target answers fresh prompts {plan.train_prompts} (greedy)")
+    rollouts = _rollouts(target, plan.train_prompts, out / "rollouts", plan, budget["rollouts"], "rollouts")
+    common = {"target": plan.target, "target_dtype": plan.dtype, "seed": plan.seed, "epochs": 1000,
+              "data": {"rollouts": str(rollouts), "max_length": 384, "eval_fraction": 0.0},
               "log": {"every": 10, "save_every": 50}}
-    sft_cfg = load_config(None, base={
-        **common, "method": "sft", "out_dir": str(out / "sft"), "max_minutes": plan.sft_minutes,
-        "batch_size": 4, "draft": {"init": str(untrained), "block_size": plan.block_size},
-        "optim": {"lr": 1e-3, "warmup_ratio": 0.02, "min_lr_ratio": 0.1}, "sft": {"num_anchors": 48, "gamma": 4.0}})
-    _say(f"2/4 SFT (DFlash recipe) for {plan.sft_minutes} min")
-    sft = _train_phase(sft_cfg)
+
+    if plan.from_scratch:
+        untrained = out / "untrained"
+        if not untrained.exists():
+            save_drafter(init_drafter(target, num_layers=1, block_size=plan.block_size, seed=plan.seed), untrained)
+        sft_cfg = load_config(None, base={
+            **common, "method": "sft", "out_dir": str(out / "sft"), "max_minutes": budget["sft"],
+            "batch_size": 4, "draft": {"init": str(untrained), "block_size": plan.block_size},
+            "optim": {"lr": 1e-3, "warmup_ratio": 0.02, "min_lr_ratio": 0.1},
+            "sft": {"num_anchors": 48, "gamma": 4.0}})
+        _say(f"   SFT (DFlash recipe) from scratch for {budget['sft']} min")
+        start, start_name = _train_phase(sft_cfg), "sft"
+    else:
+        start, start_name = plan.drafter, "shipped-sft"
+    block_size = load_drafter(start).block_size
 
     opd_cfg = load_config(None, base={
-        **common, "method": "opd", "out_dir": str(out / "opd"), "max_minutes": plan.opd_minutes,
-        "batch_size": 2, "draft": {"init": str(sft), "block_size": plan.block_size},
+        **common, "method": "opd", "out_dir": str(out / "opd"), "max_minutes": budget["opd"],
+        "batch_size": 2, "draft": {"init": str(start), "block_size": block_size},
         "optim": {"lr": 3e-4, "warmup_ratio": 0.05, "min_lr_ratio": 0.1},
         "opd": {"max_anchors": 48, "offset_sampling": True}})
-    _say(f"3/4 Draft-OPD from the SFT drafter for {plan.opd_minutes} min")
+    _say(f"2/3 Draft-OPD from {start} for {budget['opd']} min")
     opd = _train_phase(opd_cfg)
 
-    _say(f"4/4 evaluation (fp32, greedy, lossless check) on held-out {', '.join(plan.eval_benches)}")
-    target32 = load_target(plan.target, dtype="fp32")
-    drafters = {"untrained": load_drafter(untrained), "sft": load_drafter(sft), "draft-opd": load_drafter(opd)}
-    results = evaluate(target32, drafters, list(plan.eval_benches), samples=plan.eval_samples,
-                       max_new_tokens=plan.eval_max_new_tokens, out_dir=out / "eval", resume=True)
-    _print_summary(results, drafters, out, time.time() - t0)
+    _say(f"3/3 evaluation (greedy, lossless check) on held-out {', '.join(plan.heldout)}; budget {budget['eval']} min")
+    drafters = {start_name: load_drafter(start), "draft-opd": load_drafter(opd)}
+    results = evaluate_demo(target, drafters, plan, out / "eval", budget["eval"] * 60)
+    results["hardware"] = hw
+    results["seconds"] = time.time() - t0
+    _print_summary(results, out, start_name)
+    (out / "demo-summary.json").write_text(json.dumps(results, indent=2))
     return results
 
 
-def _print_summary(results: dict, drafters: dict, out: Path, seconds: float) -> None:
-    mean, summary = results["mean"], results["summary"]
+def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: float) -> dict:
+    """Exact greedy tau on many held-out prompts (offline walks over the target's own text,
+    no decoding per drafter), and wall-clock speed plus the lossless check on a few of them.
+
+    A third of the budget goes to the held-out text, a third to the walks, a third to timed
+    decoding; prompt counts follow from speeds measured here.
+    """
+    from draftopd.data.rollouts import read_records
+    from draftopd.evaluation.bench import TokenSequence, evaluate
+    from draftopd.evaluation.metrics import tau_ratio
+    from draftopd.evaluation.offline import offline_walks
+
+    import torch
+
+    spec = ",".join(plan.heldout)
+    heldout = _rollouts(target, spec, out / "heldout-text", plan, seconds / 3 / 60, "held-out target text")
+    seqs = [TokenSequence(torch.tensor(r.prompt_ids + r.response_ids), len(r.prompt_ids))
+            for r in read_records(heldout)]
+    counts = {name: [] for name in drafters}
+    for draft in drafters.values():
+        draft.to(device=target.device, dtype=target.dtype)
+    t0 = time.perf_counter()
+    for seq in seqs:  # walk both drafters over the same prompts until the budget is spent
+        for name, draft in drafters.items():
+            w = offline_walks(draft, target.model, [seq])[0]
+            counts[name].append((sum(w.lengths), len(w.lengths)))
+        if time.perf_counter() - t0 > seconds / 3:
+            break
+    start_name, opd_name = list(drafters)
+    ratio = tau_ratio(counts[opd_name], counts[start_name])
+    walk_tau = {n: sum(t for t, _ in c) / max(sum(s for _, s in c), 1) for n, c in counts.items()}
+
+    per_token = _decode_seconds_per_token(target)
+    runs_per_sample = 2 + len(drafters)  # target alone, HF generate, each drafter
+    decode_tokens = 64
+    samples = int(seconds / 3 / (per_token * decode_tokens * runs_per_sample * len(plan.heldout) * 1.3))
+    samples = max(1, min(samples, 4))
+    _say(f"   timed decoding: {samples} prompt(s) per benchmark x {decode_tokens} tokens "
+         f"(target step {per_token * 1000:.0f} ms here)")
+    decoded = evaluate(target, drafters, list(plan.heldout), samples=samples, max_new_tokens=decode_tokens,
+                       out_dir=out / "decode", resume=True)
+    return {"walk": {"prompts": len(counts[start_name]), "tau": walk_tau,
+                     "tau_ratio": {"ratio": ratio[0], "low": ratio[1], "high": ratio[2]}},
+            "decode": {"mean": decoded["mean"], "baseline": decoded["baseline"],
+                       "greedy_mismatches": sum(s.get("greedy_mismatches") or 0 for per in decoded["summary"].values()
+                                                for s in per.values()),
+                       "greedy_runs": sum(1 for r in decoded["samples"] if r["method"] == "draft")}}
+
+
+def _decode_seconds_per_token(target) -> float:
+    """Median time of a one-token target step with a short cache: sizes the timed decoding."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = torch.randint(100, 1000, (1, 64), device=target.device)
+    cache = DynamicCache(config=target.config)
+    times = []
+    with torch.inference_mode():
+        target.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for i in range(5):
+            t = time.perf_counter()
+            target.model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t)
+    return sorted(times)[2]
+
+
+def _print_summary(results: dict, out: Path, start_name: str) -> None:
+    walk, dec = results["walk"], results["decode"]
+    mean = dec["mean"]
+    hw = results["hardware"]
     print()
-    print(f"{'drafter':<12} {'tau':>6} {'speedup':>8} {'vs HF generate':>15}   (greedy, fp32, held-out prompts)")
-    for name in drafters:
+    print(f"held-out prompts, greedy, {hw['dtype']} on {hw.get('cpu_capability') or hw.get('gpu')}:")
+    print(f"{'':<14} {'tau (walk, ' + str(walk['prompts']) + ' prompts)':>26} {'tau (decoded)':>14} "
+          f"{'speedup vs B=1 loop':>20} {'vs HF generate':>15}")
+    print(f"{'target alone':<14} {1.0:>26.2f} {1.0:>14.2f} {1.0:>19.2f}x {'':>15}")
+    for name in walk["tau"]:
         row = mean[name]
-        print(f"{name:<12} {row['tau']:>6.2f} {row['speedup']:>7.2f}x {row['speedup_hf']:>14.2f}x")
-    mism = sum(s.get("greedy_mismatches") or 0 for per in summary.values() for s in per.values())
-    print(f"\nlossless check: {mism} greedy outputs differed from the target alone")
+        print(f"{name:<14} {walk['tau'][name]:>26.2f} {row['tau']:>14.2f} {row['speedup']:>19.2f}x "
+              f"{row['speedup_hf']:>14.2f}x")
+    r = walk["tau_ratio"]
+    print(f"\nDraft-OPD / {start_name} tau: {r['ratio']:.3f}x (95% bootstrap interval over prompts "
+          f"{r['low']:.3f}-{r['high']:.3f})")
+    print(f"lossless check: {dec['greedy_mismatches']} of {dec['greedy_runs']} greedy drafter outputs differed "
+          "from the target alone")
     print(f"drafter (reference DFlash format): {out / 'opd' / 'final'}")
-    print(f"report: {out / 'eval' / 'results.md'} (plots beside it) | metrics: {out}/{{sft,opd}}/metrics.jsonl")
-    print(f"demo took {seconds / 60:.1f} min")
-    (out / "demo-summary.json").write_text(json.dumps({"mean": mean, "seconds": seconds}, indent=2))
+    print(f"report: {out / 'eval' / 'decode' / 'results.md'} | metrics: {out}/opd/metrics.jsonl")
+    print(f"demo took {results['seconds'] / 60:.1f} min")
