@@ -112,8 +112,8 @@ def test_partially_accepted_blocks_equal_hf_generate(smollm, smol_drafter, promp
     stops = stop_token_ids(smollm.tokenizer, smollm.model)
     res = spec_generate(draft, smollm, ids, N_NEW, stop_token_ids=stops, block_size=16)
     assert res.output_ids.tolist() == ref.tolist()
-    if res.num_output_tokens > 6:
-        assert max(res.acceptance_lengths) >= 3 and len(set(res.acceptance_lengths)) > 1
+    assert res.num_output_tokens > 6  # several blocks, or the next line would prove little
+    assert max(res.acceptance_lengths) >= 3 and len(set(res.acceptance_lengths)) > 1
 
 
 # ---------------------------------------------------------------------------------------------

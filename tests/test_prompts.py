@@ -2,7 +2,6 @@
 
 import json
 import sys
-import time
 import types
 
 import pytest
@@ -37,8 +36,12 @@ def test_embedded_set_counts(name, count):
         assert p.messages[-1]["role"] == "user" and p.messages[-1]["content"].strip()
 
 
-def test_embedded_sets_constant():
-    assert EMBEDDED_SETS == ("gsm8k", "humaneval", "mt-bench", "aime25", "gpqa", "sharegpt")
+def test_every_listed_embedded_set_loads_and_the_error_names_them():
+    for name in EMBEDDED_SETS:
+        assert load_prompts(f"{name}[:1]")[0].source == name
+    with pytest.raises(DraftOPDError) as e:
+        load_prompts("nosuchset")
+    assert all(name in str(e.value) for name in EMBEDDED_SETS)
 
 
 def test_mt_bench_keeps_both_turns():
@@ -90,9 +93,7 @@ def test_sharegpt_head_streams_quickly(monkeypatch):
             return data
 
     monkeypatch.setattr(prompts_module, "open", lambda *a, **k: CountingFile(open(*a, **k)), raising=False)
-    start = time.perf_counter()
     prompts = load_prompts("sharegpt[:50]")
-    assert time.perf_counter() - start < 2.0
     assert 0 < sum(read_chars) < 4 << 20
     assert len(prompts) == 50
     assert all(p.messages[0]["role"] == "user" and p.messages[0]["content"].strip() for p in prompts)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,15 +53,29 @@ def test_sft_resume_after_kill_matches_uninterrupted(tiny_dir, tiny_rollouts, tm
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_half_written_checkpoint_never_becomes_latest(tiny_dir, tiny_rollouts, tmp_path):
+def test_half_written_checkpoint_never_becomes_latest(tiny_dir, tiny_rollouts, tmp_path, monkeypatch):
+    """A save that dies after the drafter is written but before the optimizer state: `latest`
+    keeps naming the complete checkpoint, which resumes."""
+    from draftopd.training import checkpointing
+
     out = tmp_path / "run"
     train(cfg_for("sft", tiny_dir, tiny_rollouts, out, max_steps=3))
     root = out / "checkpoints"
-    # a kill mid-write leaves a temp directory behind; latest still names the complete one
-    (root / ".step-0000004.tmp-x").mkdir()
-    assert (root / "latest").read_text().strip() == "step-0000003"
-    res = train(cfg_for("sft", tiny_dir, tiny_rollouts, out, max_steps=4), resume=True)
-    assert res.steps == 4
+    real_save = checkpointing.dcp.save
+
+    def dying_save(state, checkpoint_id):
+        assert (Path(checkpoint_id).parent / "drafter" / "model.safetensors").exists()  # part-way
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpointing.dcp, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for("sft", tiny_dir, tiny_rollouts, out, max_steps=6), resume=True)  # save at step 6 dies
+    assert (root / ".step-0000006.tmp" / "drafter").is_dir()  # the half-written one is there...
+    assert (root / "latest").read_text().strip() == "step-0000003"  # ...and not latest
+    monkeypatch.setattr(checkpointing.dcp, "save", real_save)
+    res = train(cfg_for("sft", tiny_dir, tiny_rollouts, out, max_steps=6), resume=True)
+    assert res.steps == 6
+    assert (root / "latest").read_text().strip() == "step-0000006"
 
 
 def test_opd_runs_and_logs_walk_statistics(tiny_dir, tiny_rollouts, tmp_path):
