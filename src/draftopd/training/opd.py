@@ -14,18 +14,20 @@ One micro-batch:
 """
 
 import math
+import warnings
 
 import torch
 from transformers import DynamicCache
 
-from draftopd.decoding.speculative import _cache_kwarg, spec_generate
+from draftopd.decoding.speculative import spec_generate
+from draftopd.errors import DraftOPDError
 from draftopd.model.drafter import context_features
 from draftopd.training import parallel
 from draftopd.training.anchors import random_anchors
 from draftopd.training.blocks import replay
 from draftopd.training.losses import kl_rows, offset_weights, sampled_terms
 from draftopd.training.onpolicy import candidate_acceptance, onpolicy_walk
-from draftopd.training.target_pass import base_model
+from draftopd.training.target_pass import base_model, cache_kwarg
 
 
 def verify_mask(limit: torch.Tensor, block: torch.Tensor, present: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -42,6 +44,19 @@ def verify_mask(limit: torch.Tensor, block: torch.Tensor, present: torch.Tensor,
     return torch.cat([text & present[..., None], own], dim=-1)[:, None]
 
 
+# attention implementations tested to apply the verify pass's 4D mask together with a KV cache
+# (flash_attention_* and paged kernels take only padding masks: they would score wrong teachers)
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def check_masked_attention(target) -> None:
+    """Refuse a target whose attention would ignore the verify pass's custom mask."""
+    impl = getattr(base_model(target).config, "_attn_implementation", None) or "eager"
+    if impl not in MASKED_ATTENTION:
+        raise DraftOPDError(f"OPD's verify pass needs a custom 4D attention mask, which attn_implementation="
+                            f"{impl!r} ignores; load the target with one of {', '.join(MASKED_ATTENTION)}")
+
+
 @torch.no_grad()
 def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: torch.Tensor,
                   accepted: torch.Tensor, feed: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -51,8 +66,10 @@ def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: to
     The accepted prefix x_a, d_1..d_r is committed text whose states the text's KV cache
     already has, so only indices where `feed` [b, m, w] is set (each block's a run starting
     at r+1) are fed, packed per row; the others come back as zeros. The cache grows by the
-    packed tokens (one verify per cache).
+    packed tokens (one verify per cache). The mask goes in additive (0 / dtype min): eager
+    attention adds a boolean mask to the scores as 0/1, which masks nothing.
     """
+    check_masked_attention(target)
     b, m, w = blocks.shape
     feed = feed.reshape(b, m * w)
     out = torch.zeros(b, m * w, target.config.hidden_size, device=blocks.device)
@@ -65,9 +82,11 @@ def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: to
     positions = (anchors[..., None] + torch.arange(w, device=blocks.device)).view(b, m * w).gather(1, slot)
     limit = (anchors + accepted + 1).gather(1, block)  # text the block's fed tokens see
     model = base_model(target)
-    h = model(input_ids=blocks.view(b, m * w).gather(1, slot), position_ids=positions,
-              attention_mask=verify_mask(limit, block, present, seq_len),
-              **{_cache_kwarg(model): cache}, use_cache=True).last_hidden_state
+    dtype = next(model.parameters()).dtype
+    mask = verify_mask(limit, block, present, seq_len)
+    mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    h = model(input_ids=blocks.view(b, m * w).gather(1, slot), position_ids=positions, attention_mask=mask,
+              **{cache_kwarg(model): cache}, use_cache=True).last_hidden_state
     out.scatter_(1, slot[..., None].expand_as(h), torch.where(present[..., None], h.float(), 0.0))
     return out.view(b, m, w, -1)
 
@@ -118,15 +137,32 @@ def combine_kl(kl: torch.Tensor, accepted: torch.Tensor, rejected: torch.Tensor,
     return sum(parts) / max(sum(lambdas), 1e-8), scalars
 
 
-class OPDStep:
-    """Callable (batch, generator) -> (loss, stats) for the trainer."""
+def rollout_temperature(meta: dict | None) -> float:
+    """The sampling temperature a rollout set was made with (0 when its meta does not say)."""
+    return float(((meta or {}).get("settings") or {}).get("temperature") or 0.0)
 
-    def __init__(self, cfg, draft, target, ctx: parallel.Context = parallel.Context()):
+
+class OPDStep:
+    """Callable (batch, generator) -> (loss, stats) for the trainer.
+
+    `rollout_meta` (the rollout set's meta.json) lets it warn when cached mode is handed
+    sampled rollouts: the walk assumes greedy verification, so the anchors it finds on a
+    text sampled at temperature > 0 are not the ones a decode of that text exposed.
+    """
+
+    def __init__(self, cfg, draft, target, ctx: parallel.Context = parallel.Context(),
+                 rollout_meta: dict | None = None):
         self.cfg, self.o, self.draft, self.target, self.ctx = cfg, cfg.opd, draft, target, ctx
         self.live: dict[int, tuple] = {}  # live mode: sequence index -> (ids, prompt_len, anchors, r, refresh id)
         self.updates = 0
         eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
         self.stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        check_masked_attention(target)
+        temperature = rollout_temperature(rollout_meta)
+        if self.o.rollout_mode == "cached" and temperature > 0:
+            warnings.warn(f"opd.rollout_mode=cached on rollouts sampled at temperature {temperature:g}: the greedy "
+                          "walk's anchors are not on-policy for sampled text; use temperature-0 rollouts or "
+                          "rollout_mode=live", stacklevel=2)
 
     # -- anchors ---------------------------------------------------------------------------
     def _live_sequence(self, idx: int, ids: torch.Tensor, prompt_len: int, refresh: int):
@@ -173,7 +209,7 @@ class OPDStep:
         attn = (torch.arange(n, device=device)[None] < lengths[:, None]).long()
         with torch.no_grad():
             out = base_model(target)(input_ids=ids, attention_mask=attn, output_hidden_states=True,
-                                     **{_cache_kwarg(base_model(target)): cache}, use_cache=True)
+                                     **{cache_kwarg(base_model(target)): cache}, use_cache=True)
         feats = context_features(out.hidden_states, draft.target_layer_ids).to(next(draft.parameters()).dtype)
         text_h = out.last_hidden_state  # [b, n, H]
 

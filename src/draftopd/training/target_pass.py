@@ -22,6 +22,13 @@ def base_model(target):
     return target.get_decoder() if hasattr(target, "get_decoder") else target.base_model
 
 
+def cache_kwarg(model) -> str:
+    """transformers 5.x renames `past_key_values` to `cache`; the name this model's forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def target_states(target, input_ids: torch.Tensor, lengths: torch.Tensor, layer_ids: list[int],
                   keep_last: bool = False) -> TargetStates:

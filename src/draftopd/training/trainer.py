@@ -105,7 +105,7 @@ class Accumulator:
         return rec
 
 
-def build_step(cfg: TrainConfig, draft, target, ctx: parallel.Context):
+def build_step(cfg: TrainConfig, draft, target, ctx: parallel.Context, rollout_meta: dict | None = None):
     """The per-micro-batch loss for the configured method: (batch, generator) -> (loss, stats)."""
     if cfg.method == "sft":
         from draftopd.training.sft import sft_loss
@@ -127,7 +127,7 @@ def build_step(cfg: TrainConfig, draft, target, ctx: parallel.Context):
         return step
     from draftopd.training.opd import OPDStep
 
-    return OPDStep(cfg, draft, target, ctx)
+    return OPDStep(cfg, draft, target, ctx, rollout_meta)
 
 
 def _prepare_drafter(cfg: TrainConfig, target, resume_from: Path | None):
@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     torch.manual_seed(cfg.seed)
 
     target = load_target(cfg.target, dtype=cfg.target_dtype, device=cfg.device)
-    _, rollouts = load_rollouts(cfg.data.rollouts, expect_target=target_identity(target.model, target.name))
+    meta, rollouts = load_rollouts(cfg.data.rollouts, expect_target=target_identity(target.model, target.name))
     seqs = build_sequences(rollouts, cfg.data.max_length)
     train_seqs, held = split_heldout(seqs, cfg.data.eval_fraction, cfg.seed)
     draft = _prepare_drafter(cfg, target, ckpt if resume else None)
@@ -183,7 +183,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         write_json_atomic(out / "config.json", cfg.model_dump())
     log = MetricsLog(out, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, project=cfg.log.wandb_project,
                      config=cfg.model_dump(), resume_step=start, enabled=ctx.is_main)
-    step_fn = build_step(cfg, model, target.model, ctx)
+    step_fn = build_step(cfg, model, target.model, ctx, meta)
     acc = Accumulator()
     bar = tqdm(total=None if sched.budget_s else total, initial=start, desc=f"{cfg.method} train", disable=not (cfg.log.progress and ctx.is_main),
                dynamic_ncols=True)
