@@ -1,4 +1,4 @@
-"""Draft-OPD pieces: verify mask, batched verify, exact KL, sampled estimators."""
+"""Draft-OPD pieces: verify mask, batched verify, exact KL, sampled estimators, the step's streams."""
 
 import warnings
 
@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from conftest import tiny_drafter, tiny_target
 from draftopd.errors import DraftOPDError
-from draftopd.training.losses import forward_kl_estimate, k3_estimate, kl_rows
+from draftopd.training.losses import bernoulli_forward_kl, k3_estimate, kl_rows
 from draftopd.training.opd import verify_mask, verify_states
 from draftopd.training.target_pass import base_model
 
@@ -98,32 +98,45 @@ def test_exact_kl_matches_dense_reference_in_both_directions():
     assert (got >= -1e-6).all()
 
 
+def _bernoulli_reference(lp_y, lq_y, floor):
+    top = torch.log1p(torch.tensor(-torch.finfo(torch.float32).eps))
+    lp_y, lq_y = lp_y.clamp(floor, top), lq_y.clamp(floor, top)
+    p, q = lp_y.exp(), lq_y.exp()
+    return p * (lp_y - lq_y) + (1 - p) * ((1 - p).log() - (1 - q).log())
+
+
 def test_sampled_terms_match_a_dense_reference():
-    """The pooled mean of Bernoulli-forward and k3-reverse terms (clamped log-probs), and its gradient."""
+    """The public code's loss on dense [N, V] tensors, value and gradient: Bernoulli forward KL
+    p_y log(p_y/q_y) + (1-p_y) log((1-p_y)/(1-q_y)) on committed tokens (log-probs floored),
+    k3 = ratio - log ratio - 1 (ratio = p/q) on rejected drafts weighted w, every term clamped to
+    +-loss_clamp, (l_f sum f + l_r sum w g) / (l_f N_f + l_r sum w)."""
     from draftopd.training.losses import sampled_terms
 
     torch.manual_seed(0)
     N, H, V = 9, 6, 11
     s = torch.randn(N, H, requires_grad=True)
-    t, W = torch.randn(N, H), torch.randn(V, H) * 3  # large logits: some log-probs fall under the clamp
+    t, W = torch.randn(N, H), torch.randn(V, H) * 3  # large logits: some log-probs fall under the floor
     tok_f, tok_r = torch.randint(0, V, (N,)), torch.randint(0, V, (N,))
     use_f = torch.tensor([1, 1, 0, 1, 0, 1, 1, 0, 0], dtype=torch.bool)
     use_r = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1, 0], dtype=torch.bool)  # rows 1 and 5 hold both terms
+    w_r = 0.8 ** torch.randint(0, 4, (N,)).float()
     loss, scalars = sampled_terms(s, t, W, targets_fwd=tok_f, use_fwd=use_f, targets_rev=tok_r, use_rev=use_r,
-                                  temperature=0.8, clamp=-4.0, chunk=4)
-    lq = F.log_softmax(s @ W.T, -1).clamp(min=-4.0)
-    lp = F.log_softmax(t @ W.T / 0.8, -1).clamp(min=-4.0)
+                                  w_rev=w_r, lambda_fwd=1.5, lambda_rev=0.5, temperature=0.8, floor=-4.0,
+                                  loss_clamp=3.0, chunk=4)
+    lq = F.log_softmax(s @ W.T, -1)
+    lp = F.log_softmax(t @ W.T / 0.8, -1)
     rows = torch.arange(N)
-    fwd = lp[rows, tok_f] - lq[rows, tok_f]
-    ratio = lp[rows, tok_r] - lq[rows, tok_r]
-    rev = ratio.exp() - ratio - 1
-    ref = torch.cat([fwd[use_f], rev[use_r]]).mean()
+    fwd = _bernoulli_reference(lp[rows, tok_f], lq[rows, tok_f], -4.0).clamp(-3.0, 3.0)
+    log_ratio = lp[rows, tok_r] - lq[rows, tok_r]
+    rev = (log_ratio.exp() - log_ratio - 1).clamp(-3.0, 3.0)
+    assert (lq[rows, tok_f][use_f] < -4).any() and (rev[use_r].detach() >= 3.0).any()  # both clamps bite here
+    ref = (1.5 * fwd[use_f].sum() + 0.5 * (w_r * rev)[use_r].sum()) / (1.5 * use_f.sum() + 0.5 * w_r[use_r].sum())
     assert torch.allclose(loss, ref, atol=1e-5)
     (g1,) = torch.autograd.grad(loss, s)
     (g2,) = torch.autograd.grad(ref, s)
     assert torch.allclose(g1, g2, atol=1e-5) and g1.abs().sum() > 0
     assert abs(scalars["loss_acc"] - fwd[use_f].mean().item()) < 1e-5
-    assert abs(scalars["loss_rej"] - rev[use_r].mean().item()) < 1e-5
+    assert abs(scalars["loss_rej"] - ((w_r * rev)[use_r].sum() / w_r[use_r].sum()).item()) < 1e-5
 
 
 def test_rowwise_refuses_a_trainable_head():
@@ -134,18 +147,28 @@ def test_rowwise_refuses_a_trainable_head():
                 torch.ones(2, dtype=torch.bool))
 
 
-def test_sampled_estimators_are_unbiased():
+def test_sampled_estimators():
+    """k3 is an unbiased estimate of KL(q||p) from d ~ q. The forward term is the KL between the
+    Bernoulli laws of "the token is y" under p and q: >= 0, zero iff q(y) = p(y), below the full
+    KL(p||q), and its gradient moves q(y) toward p(y) from either side (log p(y) - log q(y),
+    the k1 term it replaces, always raises q(y): its gradient has no p in it)."""
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
     q = torch.tensor([0.25, 0.25, 0.25, 0.25])
     g = torch.Generator().manual_seed(0)
-    y = torch.multinomial(p, 200_000, replacement=True, generator=g)
     d = torch.multinomial(q, 200_000, replacement=True, generator=g)
     fkl = (p * (p / q).log()).sum()
     rkl = (q * (q / p).log()).sum()
-    assert torch.isclose(forward_kl_estimate(p.log()[y], q.log()[y]).mean(), fkl, atol=0.01)
     assert torch.isclose(k3_estimate(p.log()[d], q.log()[d]).mean(), rkl, atol=0.01)
     assert (k3_estimate(p.log()[d], q.log()[d]) >= 0).all()  # k3 never goes negative
     assert not torch.isclose(fkl, rkl, atol=0.05)  # the two directions differ: swapping would fail
+
+    bern = bernoulli_forward_kl(p.log(), q.log())
+    assert (bern >= 0).all() and (bern <= fkl).all() and bern.sum() > 0
+    assert torch.allclose(bernoulli_forward_kl(p.log(), p.log()), torch.zeros(4), atol=1e-6)
+    for y in (0, 3):  # p(y) above q(y), then below: the step on q(y) follows the sign of p(y) - q(y)
+        z = q.log().clone().requires_grad_()
+        (grad,) = torch.autograd.grad(bernoulli_forward_kl(p.log()[y], F.log_softmax(z, -1)[y]), z)
+        assert torch.sign(-grad[y]) == torch.sign(p[y] - q[y])
 
 
 def test_paper_loss_weights_and_normalisation():
@@ -187,7 +210,10 @@ def _text_with_acceptance(draft, target, prompt: torch.Tensor, accept: list[int]
     return text, anchors
 
 
-def _opd_case():
+PAST_END = ([0, 2, 3, 1, 0, 2, 0], [1, 0, 3, 1])  # the last blocks draft past their texts' ends
+
+
+def _opd_case(designs=([0, 2, 3, 1, 0, 2], [1, 0, 3, 2])):
     """Tiny target and drafter, two texts with designed acceptance lengths, and the batch."""
     from draftopd.training.data import Sequence, collate
 
@@ -195,7 +221,6 @@ def _opd_case():
     target.model.norm.weight.data *= 20  # peaked teacher distributions: a wrong teacher row shows in the loss
     draft = tiny_drafter(target)
     g = torch.Generator().manual_seed(3)
-    designs = [[0, 2, 3, 1, 0, 2], [1, 0, 3, 2]]
     seqs, walks = [], []
     for i, accept in enumerate(designs):
         text, anchors = _text_with_acceptance(draft, target, torch.randint(1, 150, (5 + 2 * i,), generator=g), accept)
@@ -213,19 +238,16 @@ def _opd_step(draft, target, rollout_meta=None, **opd):
     return OPDStep(cfg, draft, target, rollout_meta=rollout_meta)
 
 
-def test_opd_step_equals_a_loop_over_anchors_and_offsets():
-    """The vectorised step (walk, drafts, packed verify, chunked KL, weights) against the plain
-    definition: at each walk anchor and offset k, KL between the drafter's q_k and the target's
-    next-token distribution after text[:a+1] + d_1..d_{k-1}; forward where k <= r, reverse
-    weighted gamma^(k-1) beyond, each stream normalised, lambdas 1."""
+def _reference_terms(draft, target, seqs, walks) -> list[tuple]:
+    """The plain definition, one (anchor, offset) at a time: at each walk anchor a (r accepted) and
+    offset k whose position a+k lies inside the text, the drafter's log q_k and the target's log p
+    after text[:a+1] + d_1..d_{k-1} (d = the drafter's argmax drafts): (k, r, log q_k, log p, y, d_k)
+    with y the text token at a+k."""
     from draftopd.training.blocks import replay
     from draftopd.training.target_pass import target_states
 
-    target, draft, seqs, walks, batch = _opd_case()
-    loss, stats = _opd_step(draft, target)(batch, torch.Generator().manual_seed(0))
-
     W, B = target.get_output_embeddings().weight, draft.block_size
-    acc, rej, w_rej = [], [], []
+    terms = []
     with torch.no_grad():
         for s, walk in zip(seqs, walks):
             feats = target_states(target, s.ids[None], torch.tensor([len(s.ids)]), draft.target_layer_ids).features
@@ -233,19 +255,99 @@ def test_opd_step_equals_a_loop_over_anchors_and_offsets():
                 lq = F.log_softmax(replay(draft, target.get_input_embeddings(), feats, s.ids[None],
                                           torch.tensor([[a]]))[0, 0, 1:] @ W.T, -1)  # [B-1, V]
                 d = lq.argmax(-1)
-                for k in range(1, B):
+                for k in range(1, min(B, len(s.ids) - a)):  # past the text's end nothing is scored
                     ctx = torch.cat([s.ids[: a + 1], d[: k - 1]])
                     lp = F.log_softmax(target(ctx[None]).logits[0, -1], -1)
-                    if k <= r:
-                        acc.append((lp.exp() * (lp - lq[k - 1])).sum())
-                    else:
-                        rej.append((lq[k - 1].exp() * (lq[k - 1] - lp)).sum())
-                        w_rej.append(0.8 ** (k - 1))
+                    terms.append((k, r, lq[k - 1], lp, int(s.ids[a + k]), int(d[k - 1])))
+    return terms
+
+
+def _exact_reference(terms, correction_forward: bool = False) -> tuple[torch.Tensor, int]:
+    """Forward KL(p||q) where k <= r (and k = r+1 with correction_forward), mean; reverse KL(q||p) where
+    k > r, weighted 0.8^(k-1), normalised by the weights; the two streams averaged (lambdas 1)."""
+    acc, rej, w_rej = [], [], []
+    for k, r, lq, lp, _, _ in terms:
+        if k <= r or (correction_forward and k == r + 1):
+            acc.append((lp.exp() * (lp - lq)).sum())
+        if k > r:
+            rej.append((lq.exp() * (lq - lp)).sum())
+            w_rej.append(0.8 ** (k - 1))
     w = torch.tensor(w_rej)
-    ref = (torch.stack(acc).mean() + (torch.stack(rej) * w).sum() / w.sum()) / 2
+    return (torch.stack(acc).mean() + (torch.stack(rej) * w).sum() / w.sum()) / 2, len(rej)
+
+
+def test_opd_step_equals_a_loop_over_anchors_and_offsets():
+    """The vectorised step (walk, drafts, packed verify, chunked KL, weights) against the plain
+    definition: at each walk anchor and offset k, KL between the drafter's q_k and the target's
+    next-token distribution after text[:a+1] + d_1..d_{k-1}; forward where k <= r, reverse
+    weighted gamma^(k-1) beyond, each stream normalised, lambdas 1."""
+    target, draft, seqs, walks, batch = _opd_case()
+    loss, stats = _opd_step(draft, target)(batch, torch.Generator().manual_seed(0))
+    ref, n_rej = _exact_reference(_reference_terms(draft, target, seqs, walks))
     assert stats["scalars"]["accepted_tokens"] == sum(r for walk in walks for _, r in walk)
-    assert stats["scalars"]["rejected_tokens"] == len(rej)
+    assert stats["scalars"]["rejected_tokens"] == n_rej
     assert torch.allclose(loss.detach(), ref, rtol=1e-4), (float(loss), float(ref))
+
+
+def test_correction_forward_adds_the_committed_correction_token_to_the_forward_stream():
+    """The public code also gives the first rejected offset (where the target's own token is
+    committed) a forward term; the paper gives it only the reverse one (the exact loss's default)."""
+    target, draft, seqs, walks, batch = _opd_case()
+    terms = _reference_terms(draft, target, seqs, walks)
+    on, _ = _opd_step(draft, target, correction_forward=True)(batch, torch.Generator().manual_seed(0))
+    off, _ = _opd_step(draft, target)(batch, torch.Generator().manual_seed(0))
+    ref_on, ref_off = _exact_reference(terms, correction_forward=True)[0], _exact_reference(terms)[0]
+    assert torch.allclose(on.detach(), ref_on, rtol=1e-4), (float(on), float(ref_on))
+    assert torch.allclose(off.detach(), ref_off, rtol=1e-4)
+    assert abs(ref_on - ref_off) > 1e-3 * ref_off  # the switch matters here, 10x beyond the tolerance
+
+
+def _sampled_reference(terms, correction_forward: bool = True) -> torch.Tensor:
+    """The public code's loss by its definition: Bernoulli forward KL on every committed token y
+    (k <= r, and the correction k = r+1), k3 on every rejected draft d_k (k > r) weighted 0.8^(k-1),
+    each clamped to +-10, (sum f + sum w g) / (N_f + sum w)."""
+    fwd, rev, w = [], [], []
+    for k, r, lq, lp, y, d in terms:
+        if k <= r or (correction_forward and k == r + 1):
+            fwd.append(_bernoulli_reference(lp[y], lq[y], -10.0).clamp(-10, 10))
+        if k > r:
+            log_ratio = lp[d] - lq[d]
+            rev.append((log_ratio.exp() - log_ratio - 1).clamp(-10, 10))
+            w.append(0.8 ** (k - 1))
+    w = torch.tensor(w)
+    return (torch.stack(fwd).sum() + (torch.stack(rev) * w).sum()) / (len(fwd) + w.sum())
+
+
+def test_sampled_step_equals_the_public_code_loss_by_a_loop():
+    target, draft, seqs, walks, batch = _opd_case(PAST_END)
+    terms = _reference_terms(draft, target, seqs, walks)
+    loss, stats = _opd_step(draft, target, loss="sampled")(batch, torch.Generator().manual_seed(0))
+    ref = _sampled_reference(terms)
+    assert torch.allclose(loss.detach(), ref, rtol=1e-4), (float(loss), float(ref))
+    assert stats["scalars"]["rejected_tokens"] == sum(1 for k, r, *_ in terms if k > r)
+    off, _ = _opd_step(draft, target, loss="sampled", correction_forward=False)(batch, torch.Generator())
+    assert torch.allclose(off.detach(), _sampled_reference(terms, correction_forward=False), rtol=1e-4)
+    assert abs(ref - off.detach()) > 1e-3 * ref
+
+
+def test_rejected_offsets_past_the_end_of_the_text_are_not_scored():
+    """After the last committed token (EOS or a length cut) there is nothing to verify: those
+    drafts are dropped (as the public code does), whatever the padding holds."""
+    target, draft, seqs, walks, batch = _opd_case(PAST_END)
+    B = draft.block_size
+    inside = sum(1 for s, walk in zip(seqs, walks) for a, r in walk for k in range(r + 1, B) if a + k < len(s.ids))
+    assert inside < sum(B - 1 - r for walk in walks for _, r in walk)  # this case drafts past both ends
+    terms = _reference_terms(draft, target, seqs, walks)
+    exact, _ = _opd_step(draft, target)(batch, torch.Generator().manual_seed(0))
+    assert torch.allclose(exact.detach(), _exact_reference(terms)[0], rtol=1e-4)
+    short = int(batch.lengths.argmin())
+    for loss in ("exact", "sampled"):
+        value, stats = _opd_step(draft, target, loss=loss)(batch, torch.Generator().manual_seed(0))
+        assert stats["scalars"]["rejected_tokens"] == inside
+        batch.input_ids[short, batch.lengths[short]:] = 151  # other padding: the same loss
+        again, _ = _opd_step(draft, target, loss=loss)(batch, torch.Generator().manual_seed(0))
+        batch.input_ids[short, batch.lengths[short]:] = 0
+        assert torch.equal(value, again), loss
 
 
 def test_sampled_offset_depth_is_geometric_and_unbiased():
@@ -278,6 +380,49 @@ def test_offset_sampling_needs_the_decayed_exact_loss():
         load_config(None, ["opd.offset_sampling=true", "opd.loss=sampled"], base=base)
 
 
+def test_shuffled_segments_lay_the_segments_at_random_without_overlap():
+    from draftopd.training.anchors import shuffled_segments
+
+    segments, first, last = [3, 1, 2, 2, 1], 10, 22  # 9 tokens over positions 11..22: 3 spare
+    layouts = set()
+    for seed in range(20):
+        anchors, lens = shuffled_segments(segments, first, last, torch.Generator().manual_seed(seed))
+        assert sorted(lens) == sorted(segments)
+        covered = [p for a, n in zip(anchors, lens) for p in range(a + 1, a + n + 1)]
+        assert len(covered) == len(set(covered)) == 9 and min(covered) > first and max(covered) <= last
+        layouts.add(tuple(anchors))
+    assert len(layouts) > 10
+    anchors, lens = shuffled_segments([2, 3], 4, 9, torch.Generator().manual_seed(0))  # no spare: a tiling
+    assert anchors == [4, 4 + lens[0]]
+
+
+def test_random_anchor_ablation_moves_only_the_forward_stream():
+    """random_anchors (the public code's): the forward segments go to random anchors, the rejected
+    stream keeps the on-policy anchors, so it scores exactly what the on-policy step scores.
+    random_anchors_all draws every block at random, the rejected stream included."""
+    target, draft, seqs, walks, batch = _opd_case(PAST_END)
+    B = draft.block_size
+    for loss, c in (("exact", 0), ("sampled", 1)):
+        step = _opd_step(draft, target, loss=loss, ablation="random_anchors")
+        for s, walk in zip(seqs, walks):  # the plan: forward segments reshuffled, rejected blocks = the walk
+            P, L = s.prompt_len, len(s.ids)
+            a, r, st = step._plan([x for x, _ in walk], [x for _, x in walk], P, L, torch.Generator())
+            fwd = [(x, n) for x, n, k in zip(a, r, st) if k == 1]
+            assert [(x, n) for x, n, k in zip(a, r, st) if k == 2] == walk
+            segments = [min(x + c, B - 1, L - 1 - y) for y, x in walk]
+            assert sorted(n for _, n in fwd) == sorted(n for n in segments if n > 0)
+            covered = [p for x, n in fwd for p in range(x + 1, x + n + 1)]
+            assert len(covered) == len(set(covered)) and P < min(covered) and max(covered) < L
+        on, s_on = _opd_step(draft, target, loss=loss)(batch, torch.Generator().manual_seed(0))
+        rnd, s_rnd = step(batch, torch.Generator().manual_seed(0))
+        assert s_rnd["scalars"]["loss_rej"] == pytest.approx(s_on["scalars"]["loss_rej"], rel=1e-5)
+        assert s_rnd["scalars"]["rejected_tokens"] == s_on["scalars"]["rejected_tokens"]
+        assert s_rnd["scalars"]["tau_walk"] == s_on["scalars"]["tau_walk"]
+        assert abs(s_rnd["scalars"]["loss_acc"] / s_on["scalars"]["loss_acc"] - 1) > 1e-3
+    _, s_all = _opd_step(draft, target, ablation="random_anchors_all")(batch, torch.Generator().manual_seed(0))
+    assert abs(s_all["scalars"]["loss_rej"] / s_on["scalars"]["loss_rej"] - 1) > 1e-3
+
+
 def test_cached_mode_warns_about_rollouts_sampled_at_temperature():
     target = tiny_target("llama")
     draft = tiny_drafter(target)
@@ -288,3 +433,14 @@ def test_cached_mode_warns_about_rollouts_sampled_at_temperature():
         for meta in ({"settings": {"temperature": 0.0}}, {"target": "x"}, None):
             _opd_step(draft, target, rollout_meta=meta)
         _opd_step(draft, target, rollout_meta={"settings": {"temperature": 0.7}}, rollout_mode="live")
+
+
+def test_direction_ablations_need_the_exact_loss_without_correction_forward():
+    from draftopd.training.config import load_config
+
+    base = {"method": "opd", "draft": {"init": "x"}, "data": {"rollouts": "x"}}
+    for bad in (["opd.ablation=all_forward", "opd.loss=sampled"],
+                ["opd.ablation=all_reverse", "opd.correction_forward=true"]):
+        with pytest.raises(DraftOPDError, match="ablation"):
+            load_config(None, bad, base=base)
+    assert load_config(None, ["opd.correction_forward=true"], base=base).opd.correction_forward is True

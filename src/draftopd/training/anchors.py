@@ -55,3 +55,27 @@ def onpolicy_walk(accept: list[int], first: int, last: int) -> tuple[list[int], 
         lengths.append(produced)
         a += produced
     return anchors, lengths
+
+
+def shuffled_segments(segments: list[int], first: int, last: int, generator: torch.Generator | None = None
+                      ) -> tuple[list[int], list[int]]:
+    """The random-anchor ablation as the public Draft-OPD code draws it.
+
+    `segments` are the forward-stream token counts of the on-policy blocks (a block at a
+    scores a+1..a+s). They are laid over positions first+1..last in random order, without
+    overlap, the positions they leave uncovered spread as random gaps between them: the
+    same amount of forward signal per segment, at anchors the drafter did not choose.
+    Returns the anchors and the segment lengths in their new order.
+    """
+    spare = (last - first) - sum(segments)
+    if spare < 0 or min(segments, default=1) < 1:
+        raise ValueError(f"segments {segments} do not fit in positions {first + 1}..{last}")
+    order = torch.randperm(len(segments), generator=generator).tolist()
+    gaps = torch.zeros(len(segments) + 1, dtype=torch.long)
+    gaps.index_add_(0, torch.randint(len(segments) + 1, (spare,), generator=generator),
+                    torch.ones(spare, dtype=torch.long))  # each uncovered position joins a random gap
+    anchors, cursor = [], first + int(gaps[0])
+    for j, i in enumerate(order):
+        anchors.append(cursor)
+        cursor += segments[i] + int(gaps[j + 1])
+    return anchors, [segments[i] for i in order]

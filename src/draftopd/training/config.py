@@ -46,13 +46,22 @@ class SFTConfig(Strict):
 
 
 class OPDConfig(Strict):
-    loss: Literal["exact", "sampled"] = Field("exact", description="full-vocabulary KL, or the public code's estimators")
+    loss: Literal["exact", "sampled"] = Field(
+        "exact", description="exact: the paper's full-vocabulary KL (forward on accepted offsets, gamma^(k-1)-"
+        "weighted reverse on rejected ones); sampled: the public code's estimators (Bernoulli forward KL on each "
+        "committed token, k3 reverse on each rejected draft, one pooled weighted mean)")
     gamma: float = Field(0.8, gt=0, description="rejected-offset weight gamma^(k-1)")
-    lambda_acc: float = Field(1.0, ge=0)
-    lambda_rej: float = Field(1.0, ge=0)
+    lambda_acc: float = Field(1.0, ge=0, description="forward-stream weight (sampled: the code's response stream)")
+    lambda_rej: float = Field(1.0, ge=0, description="rejected-stream weight")
     teacher_temperature: float = Field(1.0, gt=0)
-    logprob_clamp: float = Field(-10.0, description="sampled loss: clamp log-probs from below")
-    ablation: Literal["none", "all_forward", "all_reverse", "no_decay", "random_anchors"] = "none"
+    logprob_clamp: float = Field(-10.0, description="sampled loss: floor on the forward term's log-probs")
+    correction_forward: bool | None = Field(
+        None, description="also give the committed correction token (the target's, at the first rejected "
+        "offset) a forward term; None = each loss's published choice: exact off (paper), sampled on (code)")
+    ablation: Literal["none", "all_forward", "all_reverse", "no_decay", "random_anchors",
+                      "random_anchors_all"] = Field(
+        "none", description="random_anchors: forward segments at random anchors, rejected stream on-policy (the "
+        "public code's); random_anchors_all: every block at a uniformly random anchor")
     rollout_mode: Literal["cached", "live"] = "cached"
     refresh_every: int = Field(50, ge=1, description="live mode: regenerate rollouts every N updates")
     live_temperature: float = Field(0.0, ge=0, description="live mode: decoding temperature")
@@ -66,6 +75,9 @@ class OPDConfig(Strict):
         if self.offset_sampling and (self.loss != "exact" or self.ablation == "no_decay" or self.gamma >= 1):
             raise ValueError("offset_sampling samples the gamma^(k-1) decay of the exact loss: it needs "
                              "loss=exact, gamma < 1 and no no_decay ablation")
+        if self.ablation in ("all_forward", "all_reverse") and (self.loss != "exact" or self.correction_forward):
+            raise ValueError(f"ablation={self.ablation} sets the KL direction of every exact-loss term: it needs "
+                             "loss=exact and no correction_forward")
         return self
 
 

@@ -8,7 +8,7 @@ each chunk's gradient w.r.t. its rows is taken in the same pass that makes its l
 make every chunk's logits twice. The exact KL, OPD's hot path, has its gradient in closed form.
 """
 
-
+import math
 from functools import partial
 
 import torch
@@ -141,43 +141,64 @@ def kl_rows(student_h: torch.Tensor, teacher_h: torch.Tensor, head_weight: torch
                    chunk=chunk)[0]
 
 
-def forward_kl_estimate(logp_y: torch.Tensor, logq_y: torch.Tensor) -> torch.Tensor:
-    """Per-sample estimate of KL(p||q) from tokens y ~ p: log p(y) - log q(y)."""
-    return logp_y - logq_y
+def bernoulli_forward_kl(logp_y: torch.Tensor, logq_y: torch.Tensor, floor: float = -10.0) -> torch.Tensor:
+    """KL(Bern(p_y) || Bern(q_y)) = p_y log(p_y/q_y) + (1-p_y) log((1-p_y)/(1-q_y)) for a committed token y.
+
+    The public code's forward term: a committed token is the target's greedy choice, not a
+    draw from p, so log p(y) - log q(y) would only be cross-entropy on y (its gradient has
+    no p in it); the Bernoulli pair keeps the teacher's p_y in the gradient and is >= 0,
+    0 iff q_y = p_y. Log-probs are clamped to [floor, log(1 - eps)] as there: a token the
+    drafter gives less than e^floor gets no gradient from this term.
+    """
+    top = math.log1p(-torch.finfo(torch.float32).eps)
+    lp, lq = logp_y.float().clamp(floor, top), logq_y.float().clamp(floor, top)
+    p, q = lp.exp(), lq.exp()
+    return p * (lp - lq) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q))
 
 
 def k3_estimate(logp_d: torch.Tensor, logq_d: torch.Tensor) -> torch.Tensor:
-    """Per-sample k3 estimate of KL(q||p) from tokens d ~ q: ratio - log ratio - 1, ratio = p/q (>= 0)."""
-    log_ratio = logp_d - logq_d
+    """Per-sample k3 estimate of KL(q||p) from tokens d ~ q: ratio - log ratio - 1, ratio = p/q (>= 0).
+
+    The log ratio is clamped to +-20 (as verl's kl_penalty does) so exp cannot overflow.
+    """
+    log_ratio = (logp_d - logq_d).clamp(-20.0, 20.0)
     return log_ratio.exp() - log_ratio - 1
 
 
-def _sampled_rows(student_h, head_weight, teacher_h, tok_f, use_f, tok_r, use_r, *, temperature, clamp):
+def _sampled_rows(student_h, head_weight, teacher_h, tok_f, w_f, tok_r, w_r, *, temperature, floor, loss_clamp):
     lq = F.log_softmax(F.linear(student_h.to(head_weight.dtype), head_weight).float(), -1)
     with torch.no_grad():
         lp = F.log_softmax(F.linear(teacher_h.to(head_weight.dtype), head_weight).float() / temperature, -1)
-    pick = lambda t, i: t.gather(-1, i[:, None])[:, 0].clamp(min=clamp)  # noqa: E731
-    fwd = forward_kl_estimate(pick(lp, tok_f), pick(lq, tok_f))
-    rev = k3_estimate(pick(lp, tok_r), pick(lq, tok_r))
-    terms = torch.where(use_f, fwd, 0.0) + torch.where(use_r, rev, 0.0)
-    return terms, torch.stack([fwd, rev], -1).detach()
+    pick = lambda t, i: t.gather(-1, i[:, None])[:, 0]  # noqa: E731
+    fwd = bernoulli_forward_kl(pick(lp, tok_f), pick(lq, tok_f), floor).clamp(-loss_clamp, loss_clamp)
+    rev = k3_estimate(pick(lp, tok_r), pick(lq, tok_r)).clamp(-loss_clamp, loss_clamp)
+    return w_f * fwd + w_r * rev, torch.stack([fwd, rev], -1).detach()
 
 
-def sampled_terms(student_h, teacher_h, head_weight, *, targets_fwd, use_fwd, targets_rev, use_rev,
-                  temperature: float = 1.0, clamp: float = -10.0, chunk: int = 1024) -> tuple[torch.Tensor, dict]:
-    """The public Draft-OPD estimators, pooled into one mean.
+def sampled_terms(student_h, teacher_h, head_weight, *, targets_fwd, use_fwd, targets_rev, use_rev, w_rev,
+                  lambda_fwd: float = 1.0, lambda_rev: float = 1.0, temperature: float = 1.0, floor: float = -10.0,
+                  loss_clamp: float = 10.0, chunk: int = 1024) -> tuple[torch.Tensor, dict]:
+    """The public Draft-OPD code's loss: sampled-token estimators, one pooled weighted mean.
 
-    Forward (Bernoulli) terms on committed tokens incl. the correction token (`use_fwd`),
-    k3 reverse terms on rejected draft tokens (`use_rev`); log-probs clamped at `clamp`.
-    A row may hold one of each; the mean is over terms.
+    Forward stream (`use_fwd`): every committed token y (accepted drafts and the correction
+    token), f = bernoulli_forward_kl(log p(y), log q(y)). Rejected stream (`use_rev`): each
+    rejected draft d, g = k3 estimate ratio - log ratio - 1 with ratio = p(d)/q(d), weighted
+    w = gamma^(k-1) by its offset (`w_rev`). Each term clamped to +-loss_clamp, then
+        L = (l_f * sum f + l_r * sum w g) / (l_f * N_fwd + l_r * sum w)
+    (l_f, l_r: the code's response/rejected stream weights, our lambda_acc/lambda_rej).
+    A row may hold one term of each stream. Rows [N, H] -> (loss, logged stream means).
     """
-    terms, parts = rowwise(autograd_rows(partial(_sampled_rows, temperature=temperature, clamp=clamp)), student_h,
-                           head_weight, teacher_h, targets_fwd, use_fwd, targets_rev, use_rev, chunk=chunk)
-    count = int(use_fwd.sum()) + int(use_rev.sum())
-    loss = terms.sum() / count if count else student_h.sum() * 0
+    w_f = use_fwd.float() * lambda_fwd
+    w_r = use_rev.float() * w_rev.float() * lambda_rev
+    terms, parts = rowwise(autograd_rows(partial(_sampled_rows, temperature=temperature, floor=floor,
+                                                 loss_clamp=loss_clamp)),
+                           student_h, head_weight, teacher_h, targets_fwd, w_f, targets_rev, w_r, chunk=chunk)
+    denom = float(w_f.sum() + w_r.sum())
+    loss = terms.sum() / denom if denom > 0 else student_h.sum() * 0
     scalars = {}
     if use_fwd.any():
         scalars["loss_acc"] = float(parts[use_fwd, 0].mean())
     if use_rev.any():
-        scalars["loss_rej"] = float(parts[use_rev, 1].mean())
+        w = w_rev[use_rev].float()
+        scalars["loss_rej"] = float((parts[use_rev, 1] * w).sum() / w.sum())
     return loss, scalars

@@ -3,14 +3,16 @@
 One micro-batch:
 1. target pass over the committed text (features, teacher states, a KV cache);
 2. anchors: the on-policy walk with the current drafter (cached mode), the anchors a live
-   speculative decode recorded (live mode), or random ones (ablation);
+   speculative decode recorded (live mode), or random ones (ablations);
 3. drafter replay with grad at those anchors -> q at offsets 1..B-1;
 4. teacher p scored on the draft prefix: offsets k <= r+1 from the pass over the text,
    offsets k > r+1 from one batched "verify" pass over the rejected drafts only (packed;
    each sees the text up to its block's first rejection and its own block's earlier
    drafts), reusing the text's KV cache;
-5. loss: forward KL on accepted offsets, gamma^(k-1)-weighted reverse KL on rejected ones
-   (exact, chunked over the vocabulary), or the public code's sampled estimators.
+5. loss over two streams: forward on the committed offsets (k <= r, and the correction
+   k = r+1 with `correction_forward`), gamma^(k-1)-weighted reverse on the rejected ones
+   (k > r, inside the text): exact full-vocabulary KL (chunked), or the public code's
+   sampled-token estimators.
 """
 
 import math
@@ -23,10 +25,10 @@ from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
 from draftopd.model.drafter import context_features
 from draftopd.training import parallel
-from draftopd.training.anchors import random_anchors
+from draftopd.training.anchors import onpolicy_walk, random_anchors, shuffled_segments
 from draftopd.training.blocks import replay
 from draftopd.training.losses import kl_rows, offset_weights, sampled_terms
-from draftopd.training.onpolicy import candidate_acceptance, onpolicy_walk
+from draftopd.training.onpolicy import candidate_acceptance
 from draftopd.training.target_pass import base_model, cache_kwarg
 
 
@@ -137,6 +139,9 @@ def combine_kl(kl: torch.Tensor, accepted: torch.Tensor, rejected: torch.Tensor,
     return sum(parts) / max(sum(lambdas), 1e-8), scalars
 
 
+FWD, REJ = 1, 2  # the streams a replayed block is scored in (an on-policy block: both)
+
+
 def rollout_temperature(meta: dict | None) -> float:
     """The sampling temperature a rollout set was made with (0 when its meta does not say)."""
     return float(((meta or {}).get("settings") or {}).get("temperature") or 0.0)
@@ -157,6 +162,9 @@ class OPDStep:
         self.updates = 0
         eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
         self.stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        # the committed correction token's forward term: the paper has none (exact), the public code has one (sampled)
+        cf = self.o.correction_forward
+        self.correction_forward = self.o.loss == "sampled" if cf is None else cf
         check_masked_attention(target)
         temperature = rollout_temperature(rollout_meta)
         if self.o.rollout_mode == "cached" and temperature > 0:
@@ -179,21 +187,38 @@ class OPDStep:
             self.live[idx] = rec
         return rec
 
-    def _anchors(self, batch, feats, ids, gen) -> tuple[list[list[int]], list[list[int]]]:
-        anchors, accepted = [], []
+    def _walks(self, batch, feats, ids, gen) -> list[tuple[list[int], list[int]]]:
+        """Per sequence: anchors and accepted drafts r, by the on-policy walk over the text
+        (uniformly random anchors for the random_anchors_all ablation)."""
+        out = []
         for i in range(ids.shape[0]):
             P, L = int(batch.prompt_lens[i]), int(batch.lengths[i])
             r = candidate_acceptance(self.draft, self.target, feats[i : i + 1], ids[i : i + 1], P, L).tolist()
-            if self.o.ablation == "random_anchors":
+            if self.o.ablation == "random_anchors_all":
                 a, _ = random_anchors(torch.tensor([P]), torch.tensor([L]), self.o.max_anchors, gen)
-                a = a[0].tolist() if L - 1 > P else []
-                a = sorted(set(a))
+                a = sorted(set(a[0].tolist())) if L - 1 > P else []
             else:
                 a, _ = onpolicy_walk(r, P, L - 1)
-            a, rr = cap_anchors(a, [r[x - P] for x in a], self.o.max_anchors, gen)
-            anchors.append(a)
-            accepted.append(rr)
-        return anchors, accepted
+            out.append((a, [r[x - P] for x in a]))
+        return out
+
+    def _plan(self, anchors: list[int], accepted: list[int], P: int, L: int, gen
+              ) -> tuple[list[int], list[int], list[int]]:
+        """Blocks to replay for one sequence: anchors, r, streams (FWD | REJ), at most max_anchors per stream.
+
+        random_anchors (the public code's ablation): the forward stream moves to random anchors,
+        each block keeping its forward segment (r committed drafts, + the correction with
+        `correction_forward`) as its r; the rejected stream stays at the on-policy anchors.
+        """
+        o, B = self.o, self.draft.block_size
+        if o.ablation != "random_anchors":
+            a, r = cap_anchors(anchors, accepted, o.max_anchors, gen)
+            return a, r, [FWD | REJ] * len(a)
+        seg = [min(x + int(self.correction_forward), B - 1, L - 1 - a) for a, x in zip(anchors, accepted)]
+        fa, fr = shuffled_segments([s for s in seg if s > 0], P, L - 1, gen)
+        fa, fr = cap_anchors(fa, fr, o.max_anchors, gen)
+        ra, rr = cap_anchors(anchors, accepted, o.max_anchors, gen)
+        return fa + ra, fr + rr, [FWD] * len(fa) + [REJ] * len(ra)
 
     # -- one micro-batch ---------------------------------------------------------------------
     def __call__(self, batch, gen):
@@ -213,33 +238,39 @@ class OPDStep:
         feats = context_features(out.hidden_states, draft.target_layer_ids).to(next(draft.parameters()).dtype)
         text_h = out.last_hidden_state  # [b, n, H]
 
-        if o.rollout_mode == "live" and o.ablation != "random_anchors":
-            capped = [cap_anchors(self.live[idx][2], self.live[idx][3], o.max_anchors, gen) for idx in batch.indices]
-            anchor_lists, r_lists = [c[0] for c in capped], [c[1] for c in capped]
+        if o.rollout_mode == "live" and o.ablation != "random_anchors_all":
+            walks = [self.live[idx][2:4] for idx in batch.indices]
         else:
             was_training = draft.training
             draft.eval()
             with parallel.gathered(draft, self.ctx):
-                anchor_lists, r_lists = self._anchors(batch, feats, ids, gen)
+                walks = self._walks(batch, feats, ids, gen)
             draft.train(was_training)
-        m = max(1, max(len(a) for a in anchor_lists))
+        plans = [self._plan(a, rr, int(batch.prompt_lens[i]), int(batch.lengths[i]), gen)
+                 for i, (a, rr) in enumerate(walks)]
+        m = max(1, max(len(p[0]) for p in plans))
         anchors = torch.zeros(b, m, dtype=torch.long, device=device)
         r = torch.zeros(b, m, dtype=torch.long, device=device)
-        valid = torch.zeros(b, m, dtype=torch.bool, device=device)
-        for i, (a, rr) in enumerate(zip(anchor_lists, r_lists)):
+        streams = torch.zeros(b, m, dtype=torch.long, device=device)  # 0: padding
+        for i, (a, rr, st) in enumerate(plans):
             if a:
                 anchors[i, : len(a)] = torch.tensor(a)
                 anchors[i, len(a):] = a[0]
                 r[i, : len(a)] = torch.tensor(rr)
-                valid[i, : len(a)] = True
+                streams[i, : len(a)] = torch.tensor(st)
             else:
                 anchors[i] = batch.prompt_lens[i]
+        fwd_ok, rej_ok = ((streams & FWD) > 0)[..., None], ((streams & REJ) > 0)[..., None]  # [b, m, 1]
 
         hidden = replay(draft, target.get_input_embeddings(), feats, ids, anchors)[:, :, 1:]  # [b, m, B-1, H]
         head = target.get_output_embeddings().weight
         k = torch.arange(1, B, device=device)  # offsets
-        accepted = (k[None, None] <= r[..., None]) & valid[..., None]  # [b, m, B-1]
-        rejected = (k[None, None] > r[..., None]) & valid[..., None]
+        in_text = anchors[..., None] + k < lengths[:, None, None]  # [b, m, B-1]: a text token sits at a+k
+        accepted = (k <= r[..., None]) & fwd_ok  # committed drafts (inside the text by construction)
+        rejected = (k > r[..., None]) & rej_ok & in_text  # past the text's end (EOS / cut) nothing was verified
+        correction = (k == r[..., None] + 1) & fwd_ok & rej_ok & in_text  # the target's token after a rejection
+        if not self.correction_forward:
+            correction = torch.zeros_like(correction)
         n_rejected = int(rejected.sum())
         w_rej = offset_weights(B, o.gamma, "none" if o.ablation == "no_decay" else "pow").to(device)
         w_rej = w_rej.expand_as(accepted)
@@ -270,7 +301,7 @@ class OPDStep:
             ver = verify_states(target, cache, blocks, anchors, r, need, n)  # [b, m, B-1, H]
             teacher = torch.where(from_text[..., None], teacher, ver.to(teacher.dtype))
 
-        rows = accepted | rejected
+        rows = accepted | rejected  # correction rows are rejected rows too
         flat = lambda t: t[rows]  # noqa: E731 -- [N, ...] over scored (anchor, offset) rows
         if o.loss == "exact":
             forward = accepted.clone()
@@ -278,25 +309,31 @@ class OPDStep:
                 forward[:] = True
             elif o.ablation == "all_reverse":
                 forward[:] = False
-            kl = kl_rows(flat(hidden), flat(teacher), head, flat(forward), o.teacher_temperature)
-            loss, stats_scalars = combine_kl(kl, flat(accepted), flat(rejected), flat(w_rej), o.lambda_acc,
-                                             o.lambda_rej, rej_norm)
+            h, t, fwd, acc, rej, w = (flat(x) for x in (hidden, teacher, forward, accepted, rejected, w_rej))
+            if correction.any():  # its forward KL joins the accepted stream; its reverse KL stays in the rejected one
+                c = int(correction.sum())
+                h, t = torch.cat([h, hidden[correction]]), torch.cat([t, teacher[correction]])
+                yes = torch.ones(c, dtype=torch.bool, device=device)
+                fwd, acc = torch.cat([fwd, yes]), torch.cat([acc, yes])
+                rej, w = torch.cat([rej, ~yes]), torch.cat([w, w.new_zeros(c)])
+            kl = kl_rows(h, t, head, fwd, o.teacher_temperature)
+            loss, stats_scalars = combine_kl(kl, acc, rej, w, o.lambda_acc, o.lambda_rej, rej_norm)
         else:
-            commit = (k[None, None] <= r[..., None] + 1) & valid[..., None] & (anchors[..., None] + k < lengths[:, None, None])
             loss, stats_scalars = sampled_terms(
-                flat(hidden), flat(teacher), head, targets_fwd=flat(text_tok), use_fwd=flat(commit),
-                targets_rev=flat(drafts), use_rev=flat(rejected), temperature=o.teacher_temperature,
-                clamp=o.logprob_clamp)
+                flat(hidden), flat(teacher), head, targets_fwd=flat(text_tok), use_fwd=flat(accepted | correction),
+                targets_rev=flat(drafts), use_rev=flat(rejected), w_rev=flat(w_rej), lambda_fwd=o.lambda_acc,
+                lambda_rev=o.lambda_rej, temperature=o.teacher_temperature, floor=o.logprob_clamp)
 
-        walk_lengths = [min(int(x) + 1, int(batch.lengths[i]) - 1 - a) for i in range(b)
-                        for a, x in zip(anchor_lists[i], r_lists[i])]
-        reached = ((r[..., None] >= k) & valid[..., None]).sum(dim=(0, 1)).cpu()
+        # acceptance statistics from the on-policy blocks (their r is an acceptance; a random block's is not)
+        walk_lengths = [min(x + 1, int(batch.lengths[i]) - 1 - a) for i, (a_, r_, st) in enumerate(plans)
+                        for a, x, s in zip(a_, r_, st) if s & REJ]
+        reached = ((r[..., None] >= k) & rej_ok).sum(dim=(0, 1)).cpu()
         stats = {
             "scalars": {**stats_scalars,
                         "tau_walk": sum(walk_lengths) / max(len(walk_lengths), 1),
                         "accepted_tokens": float(accepted.sum()), "rejected_tokens": float(n_rejected)},
-            "vectors": {"accept_rate_per_offset": (reached, torch.full_like(reached, int(valid.sum())))},
-            "blocks": int(valid.sum()),
+            "vectors": {"accept_rate_per_offset": (reached, torch.full_like(reached, len(walk_lengths)))},
+            "blocks": int((streams > 0).sum()),
         }
         self.updates += 1
         return loss, stats
