@@ -35,3 +35,94 @@ def test_rejection_sampling_matches_target_distribution():
     assert torch.allclose(freq, p[0], atol=0.012), freq
     # the rule that always accepts would give q: make sure the test can tell them apart
     assert not torch.allclose(q[0], p[0], atol=0.012)
+
+
+# -- every committed token, by Monte Carlo, against planted wrong rules -------------------------
+
+CHI2_MAX = 30.0  # per (position, prefix) cell; chi-square with 2-4 dof passes 30 with p < 1e-5
+
+
+def _planted(bonus_row_shift: int = 0, residual_from_first: bool = False, any_order: bool = False):
+    """An independent rejection-sampling rule, optionally with one planted bug: the bonus drawn from
+    p[k-1] instead of p[k], the residual from q[0] instead of q[r], or r counting accepted drafts
+    anywhere instead of the accepted prefix."""
+    def accept(drafts, p, q, generator=None):
+        k = drafts.shape[0]
+        p_d, q_d = p[:k].gather(-1, drafts[:, None])[:, 0], q.gather(-1, drafts[:, None])[:, 0]
+        ok = torch.rand(k, generator=generator) * q_d < p_d
+        r = int(ok.sum()) if any_order else int(ok.int().cumprod(0).sum())
+        if r == k:
+            return r, int(torch.multinomial(p[k - bonus_row_shift], 1, generator=generator))
+        residual = (p[r] - q[0 if residual_from_first else r]).clamp_min(0)
+        return r, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return accept
+
+
+WRONG = {"bonus from p[k-1]": _planted(bonus_row_shift=1), "residual from q[0]": _planted(residual_from_first=True),
+         "non-prefix count": _planted(any_order=True)}
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def _bonus_chi2(accept, n: int = 8000) -> float:
+    """Four drafts drawn from q = p: every one is accepted, and the bonus must follow p[4], the
+    target's distribution after the last draft."""
+    p = torch.tensor([[0.4, 0.3, 0.1, 0.1, 0.1], [0.1, 0.5, 0.2, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2],
+                      [0.6, 0.1, 0.1, 0.1, 0.1], [0.05, 0.15, 0.2, 0.2, 0.4]])
+    g = torch.Generator().manual_seed(0)
+    drafts = torch.stack([torch.multinomial(p[i], n, replacement=True, generator=g) for i in range(4)], 1)
+    counts = torch.zeros(5)
+    for d in drafts:
+        r, nxt = accept(d, p, p[:4], g)
+        assert r == 4
+        counts[nxt] += 1
+    return _chi2(counts, p[4])
+
+
+def test_drafts_from_the_target_are_all_accepted_and_the_bonus_follows_p_after_the_last():
+    assert _bonus_chi2(rejection_accept) < CHI2_MAX
+    assert _bonus_chi2(WRONG["bonus from p[k-1]"]) > CHI2_MAX
+
+
+# a toy target whose next-token law depends on the previous token, and a drafter whose law
+# depends on the offset (as DFlash's does), so p rows, q rows and prefixes all matter
+MARKOV = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7], [0.3, 0.5, 0.2]])  # p(x_j | x_{j-1})
+DRAFT = torch.tensor([[0.5, 0.4, 0.1], [0.2, 0.2, 0.6], [0.1, 0.6, 0.3]])  # q at offsets 1..3
+
+
+def _worst_conditional_chi2(accept, n: int = 6000, T: int = 4) -> float:
+    """Decode n sequences of T tokens (after token 0) by blocks of 3 drafts and `accept`, each step
+    committing r drafts + the rule's token; for every position j and every prefix seen >= 100 times,
+    chi-square of the committed x_j against the target's p(. | prefix). Returns the worst cell."""
+    g = torch.Generator().manual_seed(0)
+    pool = torch.stack([torch.multinomial(q, n * T, replacement=True, generator=g) for q in DRAFT], 1).tolist()
+    seqs = []
+    for i in range(n):
+        seq, steps = [], iter(pool[i * T : (i + 1) * T])  # a step commits >= 1 token: T steps suffice
+        while len(seq) < T:
+            d = next(steps)
+            r, nxt = accept(torch.tensor(d), MARKOV[[seq[-1] if seq else 0] + d], DRAFT, g)
+            seq += d[:r] + [nxt]
+        seqs.append(tuple(seq[:T]))
+    worst = 0.0
+    for j in range(T):
+        cells: dict[tuple, torch.Tensor] = {}
+        for s in seqs:
+            cells.setdefault(s[:j], torch.zeros(3))[s[j]] += 1
+        for prefix, counts in cells.items():
+            if counts.sum() >= 100:
+                worst = max(worst, _chi2(counts, MARKOV[prefix[-1] if prefix else 0]))
+    return worst
+
+
+def test_rejection_sampling_commits_the_targets_distribution_at_every_position():
+    """Over several verify steps with q != p, the committed tokens follow the target position by
+    position given their prefix: accepted drafts, corrections after r >= 1 accepted drafts and
+    bonus tokens alike. The same check rejects each planted wrong rule."""
+    assert _worst_conditional_chi2(rejection_accept) < CHI2_MAX
+    assert _worst_conditional_chi2(_planted()) < CHI2_MAX  # an independent correct rule passes too
+    for name, wrong in WRONG.items():
+        assert _worst_conditional_chi2(wrong) > CHI2_MAX, name
