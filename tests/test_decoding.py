@@ -39,7 +39,7 @@ class OracleDrafter(DFlashDraftModel):
 
     def compute_logits(self, hidden, head):
         logits = torch.full((hidden.shape[0], self.config.vocab_size), -1e4)
-        logits[torch.arange(hidden.shape[0]), self.greedy[self._positions[1:]]] = 0.0
+        logits[torch.arange(hidden.shape[0]), self.greedy[self._positions[1 : hidden.shape[0] + 1]]] = 0.0
         return logits
 
 
@@ -129,3 +129,74 @@ def test_bad_input_errors(tiny_pair):
     bad_hidden.config.hidden_size = 32
     with pytest.raises(DraftOPDError, match="hidden_size 32"):
         spec_generate(bad_hidden, target, ids, 4)
+
+
+def test_greedy_accept_rows_asks_only_up_to_the_first_rejection():
+    from draftopd.decoding.sampling import greedy_accept, greedy_accept_rows
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        k = int(torch.randint(0, 12, (1,), generator=g))
+        target = torch.randint(0, 3, (k + 1,), generator=g)
+        drafts = torch.where(torch.rand(k, generator=g) < 0.8, target[:k], torch.randint(0, 3, (k,), generator=g))
+        asked = []
+
+        def rows(s, e):
+            asked.append((s, e))
+            return target[s:e]
+
+        r, nxt = greedy_accept_rows(drafts, rows, 4)
+        assert (r, nxt) == greedy_accept(drafts, target)
+        assert asked[-1][0] <= r < asked[-1][1] and all(e - s <= 4 for s, e in asked)
+
+
+def test_verify_scoring_rows_in_chunks_equals_scoring_all(monkeypatch):
+    """The oracle accepts whole 16-token blocks: every chunk of verify rows gets scored."""
+    import draftopd.dflash as dflash
+
+    target = tiny_target("llama")
+    draft = tiny_drafter(target, block_size=16)
+    ids = torch.randint(1, 150, (1, 6), generator=torch.Generator().manual_seed(3))
+    ref = greedy_reference(target, ids, 50)
+    oracle = OracleDrafter(draft.config)
+    oracle.load_state_dict(draft.state_dict())
+    oracle.greedy = torch.cat([ref[0], torch.zeros(32, dtype=torch.long)])
+    chunked = spec_generate(oracle.eval(), target, ids, 50)
+    monkeypatch.setattr(dflash, "VERIFY_ROWS", 10**6)  # one chunk: every row scored
+    whole = spec_generate(oracle, target, ids, 50)
+    assert chunked.output_ids.tolist() == whole.output_ids.tolist() == ref.tolist()
+    assert chunked.acceptance_lengths == whole.acceptance_lengths == [16, 16, 16, 1]
+
+
+class NegatedLogits(torch.nn.Module):
+    """A target whose logits are not its LM head's (as with soft-capping or scaling): verify
+    must then take the model's own logits for every row, never the head on hidden states."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, cache=None, **kw):
+        out = self.inner(cache=cache, **kw)
+        out.logits = -out.logits
+        return out
+
+
+def test_target_with_transformed_logits_stays_lossless():
+    inner = tiny_target("qwen3")
+    target = NegatedLogits(inner)
+    ids = torch.randint(1, 150, (1, 6), generator=torch.Generator().manual_seed(1))
+    expected = ids
+    for _ in range(40):  # plain greedy decoding of the negated model
+        expected = torch.cat([expected, target(input_ids=expected).logits[:, -1:].argmax(-1)], dim=1)
+    oracle = OracleDrafter(tiny_drafter(inner, block_size=16).config)
+    oracle.greedy = torch.cat([expected[0], torch.zeros(32, dtype=torch.long)])
+    res = spec_generate(oracle.eval(), target, ids, 40)  # whole blocks accepted: rows past the first chunk
+    assert res.output_ids.tolist() == expected.tolist()
+    assert res.acceptance_lengths == [16, 16, 7]

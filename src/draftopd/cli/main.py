@@ -28,13 +28,14 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_init_draft(args) -> None:
-    from draftopd.model.checkpoint import init_drafter, save_drafter
+    from draftopd.model.checkpoint import check_drafter_out, init_drafter, save_drafter
     from draftopd.model.target import load_target
 
+    check_drafter_out(args.out, args.overwrite)  # before the target loads: a refused --out fails at once
     target = load_target(args.target, dtype=args.dtype)
     draft = init_drafter(target, num_layers=args.num_layers, block_size=args.block_size,
                          target_layer_ids=args.target_layer_ids, mask_token_id=args.mask_token_id, seed=args.seed)
-    save_drafter(draft, args.out)
+    save_drafter(draft, args.out, overwrite=args.overwrite)
     n = sum(p.numel() for p in draft.parameters())
     tok = target.tokenizer.convert_ids_to_tokens(draft.mask_token_id) if draft.mask_token_id < len(target.tokenizer) else "<spare row>"
     print(f"drafter: {args.out}  layers={args.num_layers} block_size={args.block_size} params={n / 1e6:.1f}M "
@@ -82,12 +83,14 @@ def cmd_generate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from draftopd.model.checkpoint import load_drafter, save_drafter
-    from draftopd.model.target import parse_dtype
+    from draftopd.model.checkpoint import check_drafter_out, load_drafter, save_drafter
+    from draftopd.model.precision import parse_dtype
 
+    dtype = parse_dtype(args.dtype)
+    check_drafter_out(args.out, args.overwrite)
     draft = load_drafter(args.draft)
-    save_drafter(draft, args.out, dtype=parse_dtype(args.dtype) if args.dtype else None)
-    print(f"exported {args.draft} -> {args.out}")
+    save_drafter(draft, args.out, dtype=dtype, overwrite=args.overwrite)
+    print(f"exported {args.draft} -> {args.out} ({str(dtype).removeprefix('torch.')})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="id whose embedding marks masked slots (default: a spare row, else an unused special token)")
     s.add_argument("--dtype", default="fp32", help="fp32 or bf16 (default %(default)s)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True, help="output directory (reference DFlash format)")
+    s.add_argument("--out", required=True, help="output directory (reference DFlash format); must be new or empty")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing drafter directory at --out")
     s.set_defaults(func=cmd_init_draft)
 
     s = sub.add_parser("generate", help="speculative decoding of one prompt; prints text, tau and tok/s")
@@ -128,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("export", help="write a clean reference-format copy of a drafter (for SGLang/vLLM/dflash)")
-    s.add_argument("--draft", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--dtype", default=None, help="cast weights, e.g. bf16 (default: keep)")
+    s.add_argument("--draft", required=True, help="drafter directory, shipped alias or HF id")
+    s.add_argument("--out", required=True, help="output directory; must be new or empty")
+    s.add_argument("--dtype", default="bf16", help="weight dtype: bf16 (default, as published), fp16 or fp32")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing drafter directory at --out")
     s.set_defaults(func=cmd_export)
 
     for register in _EXTRA_COMMANDS:

@@ -2,44 +2,42 @@
 
 A directory holds `config.json` (Qwen3 fields + `block_size`, `num_target_layers`,
 `dflash_config`), `model.safetensors` (unprefixed keys, no embedding/head) and `dflash.py`,
-a self-contained copy of our model and decoding code, so SGLang, vLLM, the `dflash` package
-and `AutoModel.from_pretrained(dir, trust_remote_code=True)` all load it. We add one
-optional field, `draftopd.target`, recording which target the drafter was built for.
+a verbatim copy of `draftopd.dflash`, so SGLang, vLLM, the `dflash` package and
+`AutoModel.from_pretrained(dir, trust_remote_code=True)` all load it.
+
+Readers differ in what they read, so config.json says some things twice: top-level
+`rope_theta` and `rope_scaling` for transformers 4.x and older SGLang (which assume 1e4 and
+1e6 when they are absent) beside `rope_parameters` for newer code; and
+`dflash_config.mask_token`, the mask's token string, for older SGLang (which otherwise
+appends `<|MASK|>`), whenever the mask id is a real token. We add one optional field,
+`draftopd.target`, recording which target the drafter was built for.
 """
 
-import inspect
 import json
-import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3Config
 
-from draftopd import errors
-from draftopd.decoding import sampling, speculative
+from draftopd import dflash, hub
+from draftopd.dflash import DFlashDraftModel, default_target_layer_ids
 from draftopd.errors import DraftOPDError
-from draftopd.model import drafter
-from draftopd.model.drafter import DFlashDraftModel, default_target_layer_ids
+from draftopd.io import atomic_dir, check_output_dir
 
-# Modules bundled, in order, into each checkpoint's dflash.py.
-REMOTE_MODULES = (errors, drafter, sampling, speculative)
-QWEN3_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-                "rms_norm_eps", "vocab_size", "max_position_embeddings", "rope_parameters")
+# Drafters shipped inside the package: alias -> folder under draftopd/drafters/.
+DRAFTER_ALIASES = {"smollm2-135m-dflash": "smollm2-135m-dflash"}
+# config.json fields a drafter cannot be built without.
+REQUIRED_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                   "rms_norm_eps", "vocab_size", "num_hidden_layers", "num_target_layers")
+HUB_FILES = ["*.json", "*.safetensors", "*.py"]
 
 
 def remote_code_source() -> str:
-    """Concatenate the bundled modules, dropping imports between them."""
-    parts = ['"""DFlash drafter (written by draftopd; self-contained remote code)."""\n']
-    for module in REMOTE_MODULES:
-        src = inspect.getsource(module)
-        src = re.sub(r"^\s*(from draftopd[\w.]* import .*|import draftopd.*)\n", "", src, flags=re.M)
-        src = re.sub(r'^"""(.|\n)*?"""\n', "", src, count=1)  # module docstring
-        parts.append(f"# ---- {module.__name__} ----\n{src}")
-    return "\n".join(parts)
+    """The checkpoint's `dflash.py`: draftopd's own module, byte for byte."""
+    return Path(dflash.__file__).read_text()
 
 
 def choose_mask_token_id(tokenizer, vocab_size: int) -> int:
@@ -60,8 +58,16 @@ def choose_mask_token_id(tokenizer, vocab_size: int) -> int:
     return min(candidates)[1]
 
 
+def mask_token_string(tokenizer, mask_token_id: int) -> str | None:
+    """The mask's token string if it names exactly that id (None for a spare row past the tokenizer)."""
+    if not 0 <= mask_token_id < len(tokenizer):
+        return None
+    token = tokenizer.convert_ids_to_tokens(int(mask_token_id))
+    return token if token is not None and tokenizer.convert_tokens_to_ids(token) == mask_token_id else None
+
+
 def build_config(target_config, *, num_layers: int, block_size: int = 16, target_layer_ids=None,
-                 mask_token_id: int, target_name: str = "") -> Qwen3Config:
+                 mask_token_id: int, mask_token: str | None = None, target_name: str = "") -> Qwen3Config:
     """A drafter config sized for the target (hidden size, heads, RoPE from the target)."""
     L = target_config.num_hidden_layers
     ids = list(target_layer_ids) if target_layer_ids else default_target_layer_ids(L, num_layers)
@@ -72,6 +78,9 @@ def build_config(target_config, *, num_layers: int, block_size: int = 16, target
     t = target_config
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     rope = dict(getattr(t, "rope_parameters", None) or {"rope_type": "default", "rope_theta": t.rope_theta})
+    dflash_config = {"mask_token_id": int(mask_token_id), "target_layer_ids": ids}
+    if mask_token is not None:
+        dflash_config["mask_token"] = mask_token
     return Qwen3Config(
         architectures=["DFlashDraftModel"],
         auto_map={"AutoModel": "dflash.DFlashDraftModel"},
@@ -90,7 +99,7 @@ def build_config(target_config, *, num_layers: int, block_size: int = 16, target
         use_cache=False,
         block_size=block_size,
         num_target_layers=L,
-        dflash_config={"mask_token_id": int(mask_token_id), "target_layer_ids": ids},
+        dflash_config=dflash_config,
         draftopd={"target": target_name},
     )
 
@@ -103,7 +112,8 @@ def init_drafter(target, *, num_layers: int, block_size: int = 16, target_layer_
     if not 0 <= mask < vocab:
         raise DraftOPDError(f"mask_token_id {mask} outside the target vocabulary 0..{vocab - 1}")
     config = build_config(target.config, num_layers=num_layers, block_size=block_size,
-                          target_layer_ids=target_layer_ids, mask_token_id=mask, target_name=target.name)
+                          target_layer_ids=target_layer_ids, mask_token_id=mask,
+                          mask_token=mask_token_string(target.tokenizer, mask), target_name=target.name)
     torch.manual_seed(seed)
     draft = DFlashDraftModel(config)
     final_norm = getattr(getattr(target.model, "model", None), "norm", None)
@@ -116,78 +126,144 @@ def init_drafter(target, *, num_layers: int, block_size: int = 16, target_layer_
     return draft.to(target.dtype)
 
 
-def save_drafter(model: DFlashDraftModel, out: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write a reference-format directory atomically (a temp dir renamed into place)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+def legacy_rope_fields(rope_parameters: dict) -> dict:
+    """`rope_theta` and `rope_scaling` as transformers 4.x and older SGLang read them."""
+    scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    default = scaling.get("rope_type", "default") == "default" and set(scaling) <= {"rope_type"}
+    return {"rope_theta": rope_parameters["rope_theta"], "rope_scaling": None if default else scaling}
+
+
+def checkpoint_config(model: DFlashDraftModel, dtype: torch.dtype) -> dict:
+    """config.json as written: the model's config, the saved dtype, and RoPE said both ways."""
+    config = model.config.to_dict()
+    for key in ("torch_dtype", "_name_or_path", "transformers_version"):
+        config.pop(key, None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    rope = config.get("rope_parameters") or {"rope_type": "default", "rope_theta": model.rotary.theta}
+    config.update(rope_parameters=rope, **legacy_rope_fields(rope))
+    return config
+
+
+def is_drafter_dir(path: str | Path) -> bool:
+    """A DFlash drafter directory (config.json with `dflash_config`), not some other model's folder."""
     try:
-        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+        return "dflash_config" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_drafter_out(out: str | Path, overwrite: bool = False) -> bool:
+    """May a drafter be written at `out`? (see `draftopd.io.check_output_dir`)."""
+    return check_output_dir(out, kind="drafter", is_kind=is_drafter_dir, overwrite=overwrite)
+
+
+def save_drafter(model: DFlashDraftModel, out: str | Path, *, dtype: torch.dtype | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write a reference-format directory atomically; `dtype` casts the weights (default: keep).
+
+    Refuses a file, someone else's non-empty directory, and (unless `overwrite`) a drafter.
+    """
+    out = Path(out)
+    check_drafter_out(out, overwrite)
+    dtype = dtype or next(model.parameters()).dtype
+    with atomic_dir(out) as tmp:
+        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config["dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
-        config.pop("torch_dtype", None)
-        config.pop("_name_or_path", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "dflash.py").write_text(remote_code_source())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "config.json").write_text(json.dumps(checkpoint_config(model, dtype), indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(dflash.__file__, tmp / "dflash.py")
     return out
 
 
+def _read_config(cfg_file: Path) -> tuple[dict, str]:
+    """config.json -> (Qwen3Config fields with everything a drafter needs explicit, saved dtype name)."""
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DraftOPDError(f"{cfg_file}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise DraftOPDError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+    dflash_config = raw.get("dflash_config")
+    if not isinstance(dflash_config, dict):
+        raise DraftOPDError(f"{cfg_file}: not a DFlash drafter config, missing dflash_config")
+    dflash_config = dict(dflash_config)
+    if "block_size" not in raw and "block_size" in dflash_config:  # the reference reads either place
+        raw["block_size"] = dflash_config["block_size"]
+    missing = [k for k in (*REQUIRED_FIELDS, "block_size") if k not in raw]
+    missing += [] if "mask_token_id" in dflash_config else ["dflash_config.mask_token_id"]
+    missing += [] if "rope_parameters" in raw or "rope_theta" in raw else ["rope_parameters (or rope_theta)"]
+    if missing:
+        raise DraftOPDError(f"{cfg_file}: not a complete DFlash drafter config, missing {', '.join(missing)}")
+    if "target_layer_ids" not in dflash_config:  # older checkpoints; make the fallback explicit
+        dflash_config["target_layer_ids"] = default_target_layer_ids(raw["num_target_layers"], raw["num_hidden_layers"])
+    raw["dflash_config"] = dflash_config
+    saved = raw.pop("dtype", None) or raw.pop("torch_dtype", None) or "float32"
+    for key in ("torch_dtype", "transformers_version", "rope_scaling"):
+        raw.pop(key, None)
+    if "rope_parameters" in raw:  # the newer reading wins; rope_theta repeats it for older readers
+        raw.pop("rope_theta", None)
+    return raw, str(saved)
+
+
+def _build(cfg_file: Path, fields: dict) -> DFlashDraftModel:
+    try:
+        return DFlashDraftModel(Qwen3Config(**fields))
+    except (TypeError, ValueError, KeyError, RuntimeError, ZeroDivisionError) as e:
+        raise DraftOPDError(f"{cfg_file}: invalid drafter config ({type(e).__name__}: {e})") from None
+
+
+def _read_weights(weights: Path, model: DFlashDraftModel) -> dict:
+    """model.safetensors, checked key by key and shape by shape against the config."""
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise DraftOPDError(f"{weights}: unreadable safetensors file ({e}); truncated or not safetensors?") from None
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        extra, lost = sorted(set(state) - set(expected))[:3], sorted(set(expected) - set(state))[:3]
+        raise DraftOPDError(f"{weights}: keys do not match config.json (unexpected {extra}, missing {lost})")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise DraftOPDError(f"{weights}: {key} has shape {list(tensor.shape)} but config.json implies "
+                                f"{list(expected[key].shape)}")
+    return state
+
+
 def load_drafter(path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu") -> DFlashDraftModel:
-    """Load any reference-format drafter directory (ours, or a published DFlash checkpoint)."""
+    """Load any reference-format drafter: a directory (ours or a published one), an alias, or a Hub id.
+
+    Anything wrong with it is a one-line DraftOPDError naming the file and the problem.
+    """
     path = _resolve_drafter_path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     if not cfg_file.exists() or not weights.exists():
         raise DraftOPDError(f"drafter {path}: not a drafter directory (needs config.json and model.safetensors)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise DraftOPDError(f"{cfg_file}: invalid JSON ({e})") from None
-    dflash = raw.get("dflash_config") or {}
-    missing = [k for k in ("block_size", "num_target_layers") if k not in raw]
-    missing += [f"dflash_config.{k}" for k in ("mask_token_id",) if k not in dflash]
-    if missing:
-        raise DraftOPDError(f"{cfg_file}: not a DFlash drafter config, missing {', '.join(missing)}")
-    if "target_layer_ids" not in dflash:  # older checkpoints; make the fallback explicit
-        dflash["target_layer_ids"] = default_target_layer_ids(raw["num_target_layers"], raw["num_hidden_layers"])
-        raw["dflash_config"] = dflash
-    config = Qwen3Config(**{k: v for k, v in raw.items() if k not in ("dtype", "torch_dtype", "transformers_version")})
-    model = DFlashDraftModel(config)
-    state = load_file(weights)
-    expected = set(model.state_dict())
-    if set(state) != expected:
-        extra, lost = sorted(set(state) - expected)[:3], sorted(expected - set(state))[:3]
-        raise DraftOPDError(f"{weights}: keys do not match the config (unexpected {extra}, missing {lost})")
-    model.load_state_dict(state)
-    saved = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    model.to(device=device, dtype=dtype or getattr(torch, saved, torch.float32))
+    fields, saved = _read_config(cfg_file)
+    model = _build(cfg_file, fields)
+    model.load_state_dict(_read_weights(weights, model))
+    saved = getattr(torch, saved, None)
+    model.to(device=device, dtype=dtype or (saved if isinstance(saved, torch.dtype) else torch.float32))
     return model.eval()
 
 
+def shipped_drafter_dir(alias: str) -> Path:
+    return Path(dflash.__file__).resolve().parent / "drafters" / DRAFTER_ALIASES[alias]
+
+
 def _resolve_drafter_path(path: str | Path) -> Path:
-    """A local directory, or an HF repo id (owner/name) fetched into the HF cache."""
-    p = Path(path)
+    """An alias of a shipped drafter, a local directory, or an HF repo id (owner/name) fetched into the HF cache."""
+    text = str(path)
+    if text in DRAFTER_ALIASES:
+        shipped = shipped_drafter_dir(text)
+        if not (shipped / "config.json").exists():
+            raise DraftOPDError(f"drafter {text!r}: the shipped drafter is missing from this installation ({shipped})")
+        return shipped
+    p = Path(path).expanduser()
     if p.is_dir():
         return p
-    text = str(path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.py"]))
-        except Exception as e:
-            raise DraftOPDError(f"drafter {text!r}: not a local directory and not downloadable "
-                                f"({type(e).__name__})") from None
+    if p.exists():
+        raise DraftOPDError(f"drafter {p}: not a directory")
+    if hub.is_repo_id(text):
+        return hub.download(text, kind="drafter", allow_patterns=HUB_FILES)
     raise DraftOPDError(f"drafter {p}: no such directory")
 
 

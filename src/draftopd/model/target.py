@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from draftopd import hub
 from draftopd.errors import DraftOPDError
 from draftopd.model.precision import describe_auto, parse_dtype
 
@@ -97,6 +98,8 @@ def resolve_target(spec: str) -> str:
     if "/" not in spec and not Path(spec).exists():
         raise DraftOPDError(f"target {spec!r} is neither an embedded alias ({', '.join(EMBEDDED)}), "
                             "a local folder, nor an HF model id (owner/name)")
+    if not Path(spec).expanduser().exists() and hub.is_repo_id(spec):
+        return hub.resolve_repo(spec, kind="target")  # one short Hub request, not transformers' ~50 s of retries
     return spec
 
 

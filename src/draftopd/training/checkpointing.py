@@ -28,13 +28,13 @@ def checkpoint_root(out_dir: str | Path) -> Path:
 def export_drafter(model, out: Path, ctx: parallel.Context) -> None:
     """Write the (possibly sharded) drafter as one reference-format directory, from rank 0."""
     if ctx.world == 1:
-        save_drafter(model, out)
+        save_drafter(model, out, overwrite=True)  # a resumed run replaces its own `final`
         return
     state = parallel.full_state_dict(model)
     if ctx.is_main:
         plain = DFlashDraftModel(model.config)
         plain.load_state_dict(state)
-        save_drafter(plain, out)
+        save_drafter(plain, out, overwrite=True)
 
 
 def save_checkpoint(out_dir, step: int, model, optimizer, extra: dict, ctx: parallel.Context,

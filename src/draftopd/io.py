@@ -1,0 +1,70 @@
+"""Output directories: written without destroying anything we did not create.
+
+A command that writes a directory asks `check_output_dir` first. A path that exists but is
+not a directory, or a non-empty directory holding something other than what the command
+writes, is refused with one line whatever the flags; an existing output of the same kind is
+replaced only when asked (`overwrite`) or reused by a command that resumes (`resume`).
+`atomic_dir` then builds the new directory beside the old one and swaps it in, so an
+interrupted write leaves the old output as it was.
+"""
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from draftopd.errors import DraftOPDError
+
+
+def holds(*names: str) -> Callable[[Path], bool]:
+    """A kind test for `check_output_dir`: the directory has all these entries."""
+    return lambda path: all((path / name).exists() for name in names)
+
+
+def check_output_dir(path: str | Path, *, kind: str, is_kind: Callable[[Path], bool], overwrite: bool = False,
+                     resume: bool = False) -> bool:
+    """May a `kind` (e.g. "drafter") be written at `path`? True if one is already there.
+
+    Missing or empty: yes (False). Not a directory, or non-empty without being a `kind`
+    (`is_kind(path)` false: someone else's files): refused, flags or not. An existing `kind`:
+    refused unless `overwrite` (the caller replaces it) or `resume` (the caller continues it).
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return False
+    if not path.is_dir():
+        raise DraftOPDError(f"{path} exists and is not a directory; choose a new path for the {kind}")
+    if not any(path.iterdir()):
+        return False
+    if not is_kind(path):
+        raise DraftOPDError(f"{path} is not empty and does not hold a {kind}; refusing to write into it "
+                            "(choose a new or empty directory)")
+    if not (overwrite or resume):
+        raise DraftOPDError(f"{path} already holds a {kind}; pass --overwrite (overwrite=True) to replace it")
+    return True
+
+
+@contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `out`; when the block succeeds it becomes `out`.
+
+    A directory already at `out` stays whole until the swap (two renames, then it is deleted);
+    the temporary one is removed on any error, and a kill leaves only a hidden `.NAME.tmp-*`
+    beside the untouched `out`. Call `check_output_dir` first: this replaces what is there.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
