@@ -146,7 +146,8 @@ PLANS = {
 # The fields OPDStep reads, with OPDConfig's defaults (the test keeps them equal): no pydantic on the device.
 OPD_DEFAULTS = dict(loss="exact", gamma=0.8, lambda_acc=1.0, lambda_rej=1.0, teacher_temperature=1.0,
                     logprob_clamp=-10.0, ablation="none", rollout_mode="cached", refresh_every=50,
-                    live_temperature=0.0, live_max_new_tokens=256, max_anchors=128, offset_sampling=False)
+                    live_temperature=0.0, live_max_new_tokens=256, max_anchors=128, offset_sampling=False,
+                    correction_forward=None)
 REJECT_RATE = 0.14  # forced acceptance: share of positions whose proposal is wrong (tau ~ 6.5 at B = 16)
 PUBLISHED_TAU = 6.60  # Draft-OPD, Qwen3-4B, mean over seven tasks
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # relative error of batched vs per-block states
