@@ -59,8 +59,9 @@ def choose_mask_token_id(tokenizer, vocab_size: int) -> int:
 
 
 def mask_token_string(tokenizer, mask_token_id: int) -> str | None:
-    """The mask's token string if it names exactly that id (None for a spare row past the tokenizer)."""
-    if not 0 <= mask_token_id < len(tokenizer):
+    """The mask's token string if it names exactly that id (None for a spare row past the tokenizer,
+    or when there is no tokenizer, as for random-weight targets)."""
+    if tokenizer is None or not 0 <= mask_token_id < len(tokenizer):
         return None
     token = tokenizer.convert_ids_to_tokens(int(mask_token_id))
     return token if token is not None and tokenizer.convert_tokens_to_ids(token) == mask_token_id else None
