@@ -223,3 +223,21 @@ def test_top_level_api_imports_lazily():
             "draftopd.spec_generate; draftopd.load_target; draftopd.load_drafter; draftopd.init_drafter; "
             "draftopd.save_drafter; print('ok')")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
+
+
+def test_hub_id_offline_uses_the_local_cache(tmp_path, monkeypatch):
+    """A drafter in the HF cache loads without the network (HF_HUB_OFFLINE or an unreachable Hub)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someone--cached-drafter"
+    snapshot = repo / "snapshots" / "0123abc"
+    draft = tiny_drafter(tiny_target("qwen3"))
+    shutil.copytree(save_drafter(draft, tmp_path / "d"), snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = load_drafter("someone/cached-drafter")
+    assert all(torch.equal(a, b) for a, b in zip(draft.state_dict().values(), again.state_dict().values()))
