@@ -136,3 +136,37 @@ def test_overwrite_killed_mid_write_leaves_the_old_drafter(drafter_dir, monkeypa
     again = load_drafter(drafter_dir)
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), again.state_dict().values()))
     assert sorted(p.name for p in drafter_dir.parent.iterdir()) == ["draft"]
+
+
+@pytest.mark.parametrize("where", ["foreign dir", "file"])
+def test_rollout_train_eval_demo_refuse_foreign_outputs(where, foreign, tiny_dir, tiny_rollouts, capsys, tmp_path):
+    """Every command that writes a directory: someone else's folder or a file is refused with one
+    line and every byte stays."""
+    out = foreign if where == "foreign dir" else foreign / "notes.txt"
+    message = "not a directory" if where == "file" else "does not hold a"
+    before = snapshot(foreign)
+    config = tmp_path / "sft.yaml"
+    config.write_text(json.dumps({"method": "sft", "target": str(tiny_dir), "out_dir": str(out), "max_steps": 1,
+                                  "data": {"rollouts": str(tiny_rollouts)}}))
+    commands = {
+        "rollout": ["rollout", "--target", str(tiny_dir), "--prompts", "gsm8k[:1]", "--out", str(out)],
+        "train": ["train", "--config", str(config)],
+        "eval": ["eval", "--target", str(tiny_dir), "--draft", str(save_drafter(tiny_drafter(tiny_target("llama")),
+                 tmp_path / "d")), "--bench", "gsm8k", "--samples", "1", "--out", str(out), "--overwrite"],
+        "demo": ["demo", "--out", str(out)],
+    }
+    for command, argv in commands.items():
+        assert main(argv) == 2, command
+        one_line_error(capsys, command, message)
+        assert snapshot(foreign) == before, command
+
+
+def test_eval_replaces_an_earlier_evaluation_only_when_asked(tmp_path, capsys):
+    from draftopd.evaluation.bench import SETTINGS
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / SETTINGS).write_text("{}")
+    with pytest.raises(DraftOPDError, match="already holds an evaluation run; pass --overwrite"):
+        check_output_dir(out, kind="evaluation run", is_kind=holds(SETTINGS))
+    assert check_output_dir(out, kind="evaluation run", is_kind=holds(SETTINGS), resume=True) is True

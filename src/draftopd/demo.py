@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SHIPPED = "smollm2-135m-dflash"
+DEMO_ENTRIES = ("rollouts", "untrained", "sft", "opd", "eval", "demo-summary.json")  # what a demo run writes
 PHASE_MINUTES = {"rollouts": 1.5, "sft": 3.0, "opd": 4.0, "eval": 2.5}  # sft: only with from_scratch
 
 
@@ -72,12 +73,14 @@ def _rollouts(target, spec: str, out: Path, plan: DemoPlan, minutes: float, what
 
 
 def run_demo(plan: DemoPlan = DemoPlan()) -> dict:
+    from draftopd.io import check_output_dir
     from draftopd.model.checkpoint import init_drafter, load_drafter, save_drafter
     from draftopd.model.precision import hardware_record
     from draftopd.model.target import load_target
     from draftopd.training.config import load_config
 
     out = Path(plan.out_dir)
+    check_output_dir(out, kind="demo run", is_kind=lambda p: any((p / n).exists() for n in DEMO_ENTRIES), resume=True)
     out.mkdir(parents=True, exist_ok=True)
     budget = plan.budget_minutes
     t0 = time.time()

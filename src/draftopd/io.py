@@ -38,11 +38,12 @@ def check_output_dir(path: str | Path, *, kind: str, is_kind: Callable[[Path], b
         raise DraftOPDError(f"{path} exists and is not a directory; choose a new path for the {kind}")
     if not any(path.iterdir()):
         return False
+    a = "an" if kind[0] in "aeiou" else "a"
     if not is_kind(path):
-        raise DraftOPDError(f"{path} is not empty and does not hold a {kind}; refusing to write into it "
+        raise DraftOPDError(f"{path} is not empty and does not hold {a} {kind}; refusing to write into it "
                             "(choose a new or empty directory)")
     if not (overwrite or resume):
-        raise DraftOPDError(f"{path} already holds a {kind}; pass --overwrite (overwrite=True) to replace it")
+        raise DraftOPDError(f"{path} already holds {a} {kind}; pass --overwrite (overwrite=True) to replace it")
     return True
 
 

@@ -13,7 +13,7 @@ def cmd_eval(args) -> None:
     import torch
 
     from draftopd.errors import DraftOPDError
-    from draftopd.evaluation.bench import drafter_names, evaluate
+    from draftopd.evaluation.bench import check_eval_dir, drafter_names, evaluate
     from draftopd.model.checkpoint import load_drafter
     from draftopd.model.target import load_target
 
@@ -23,13 +23,14 @@ def cmd_eval(args) -> None:
     if len(names) != len(args.draft) or len(set(names)) != len(names):
         raise DraftOPDError(f"--name must be given once per --draft, all different; got {names} for "
                             f"{len(args.draft)} drafter(s)")
+    check_eval_dir(args.out, resume=args.resume, overwrite=args.overwrite)
     drafts = {n: load_drafter(d) for n, d in zip(names, args.draft)}  # first: a bad path fails before the target
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     target = load_target(args.target, dtype=args.dtype, device=device)
     res = evaluate(target, drafts, _benches(args.bench), samples=args.samples, temperature=args.temperature,
                    max_new_tokens=args.max_new_tokens, block_size=args.block_size, thinking=args.thinking,
                    max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, out_dir=args.out, resume=args.resume,
-                   offline_rollouts=args.offline_rollouts)
+                   overwrite=args.overwrite, offline_rollouts=args.offline_rollouts)
     for name, m in res["mean"].items():
         speed = "–" if m["speedup"] is None else f"{m['speedup']:.2f}x"
         print(f"{name}: mean speedup {speed} | mean tau {m['tau']:.2f}")
@@ -63,6 +64,7 @@ def register(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="sampling seed (per sample: seed + hash of its id)")
     s.add_argument("--out", default="runs/eval", help="output directory (default %(default)s)")
     s.add_argument("--resume", action="store_true", help="skip runs already in OUT/samples.jsonl")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in OUT")
     s.add_argument("--offline-rollouts", default=None, metavar="DIR",
                    help="also report offline tau (exact greedy, no decoding) on this target's cached rollouts")
     s.set_defaults(func=cmd_eval)

@@ -49,7 +49,7 @@ def register(sub) -> None:
 
 def cmd_rollout(args) -> None:
     from draftopd.data.prompts import load_prompts
-    from draftopd.data.rollouts import RolloutSettings, generate_rollouts, read_records
+    from draftopd.data.rollouts import RolloutSettings, check_rollout_dir, generate_rollouts, read_records
     from draftopd.errors import DraftOPDError
     from draftopd.model.target import load_target
 
@@ -57,7 +57,8 @@ def cmd_rollout(args) -> None:
     settings = RolloutSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                batch_size=batch_size, max_prompt_tokens=args.max_prompt_tokens,
                                thinking=args.thinking, seed=args.seed)
-    prompts = load_prompts(args.prompts)  # first: a bad spec fails before the target loads
+    prompts = load_prompts(args.prompts)  # first: a bad spec or output fails before the target loads
+    check_rollout_dir(args.out)
     if args.engine_url and args.backend != "hf":
         raise DraftOPDError(f"--engine-url and --backend {args.backend}: choose one (the URL's server generates)")
     if args.backend == "vllm":

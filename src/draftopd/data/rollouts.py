@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from draftopd.data.prompts import Prompt, apply_chat_template
 from draftopd.errors import DraftOPDError
+from draftopd.io import check_output_dir, holds
 from draftopd.model.precision import dtype_name, hardware_record
 from draftopd.model.target import stop_token_ids, target_identity
 
@@ -221,14 +222,17 @@ def _problem(r: Rollout, vocab_size: int | None) -> str | None:
     return None
 
 
+def check_rollout_dir(out) -> bool:
+    """May rollouts be written at `out`? True if a rollout run is there to resume (see draftopd.io)."""
+    return check_output_dir(out, kind="rollout directory", is_kind=holds(META), resume=True)
+
+
 def _start_or_resume(out: Path, meta: dict) -> set[str]:
     """Create `out`, or check that the run left there had the same target and settings.
 
     Returns the ids already written, after truncating a partial last line so appends stay whole.
     """
-    if not (out / META).exists():
-        if out.exists() and any(out.iterdir()):
-            raise DraftOPDError(f"{out} exists and is not a rollout directory (no {META}); choose another path")
+    if not check_rollout_dir(out):
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / META, meta)
         return set()

@@ -20,6 +20,7 @@ import torch
 from draftopd.data.prompts import Prompt, apply_chat_template, load_prompts
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
+from draftopd.io import check_output_dir, holds
 from draftopd.evaluation.metrics import mean_tau, speedup, summarize_runs
 from draftopd.evaluation.offline import offline_tau, offline_walks
 from draftopd.model.checkpoint import drafter_target_name
@@ -65,6 +66,12 @@ def check_drafter(draft, target, name: str) -> None:
     made = drafter_target_name(draft)
     if made and made != target.name:
         raise DraftOPDError(f"drafter {name!r} was made for target {made!r}, not {target.name!r}")
+
+
+def check_eval_dir(out, *, resume: bool, overwrite: bool) -> bool:
+    """May an evaluation be written at `out`? An earlier one is continued or replaced only when asked."""
+    return check_output_dir(out, kind="evaluation run", is_kind=holds(SETTINGS), overwrite=overwrite,
+                            resume=resume)
 
 
 def load_bench(bench: str, tokenizer, samples: int, max_prompt_tokens: int | None = None) -> list[Prompt]:
@@ -286,13 +293,15 @@ def _run_benchmark(runner: Runner, log: SampleLog, bench: str, prompts: list[Pro
 def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, temperature: float = 0.0,
              max_new_tokens: int = 256, block_size: int | None = None, thinking: bool | None = None,
              max_prompt_tokens: int | None = None, seed: int = 0, out_dir="runs/eval", resume: bool = False,
-             offline_rollouts=None, progress: bool = True) -> dict:
+             offline_rollouts=None, progress: bool = True, overwrite: bool = False) -> dict:
     """Evaluate drafters (name -> model, moved to the target's device and dtype) on benchmarks.
 
     Writes samples.jsonl, settings.json, results.json, results.md and plots into `out_dir` and
     returns the results.json content. Multi-turn prompts (MT-Bench) also run their later turns
     as samples with id suffix ":turnN". `offline_rollouts` (a rollout directory of this target)
     adds the exact greedy tau of each drafter on those cached responses, without decoding.
+    An earlier evaluation in `out_dir` is continued (`resume`) or replaced (`overwrite`), never
+    silently; a directory holding anything else is refused.
     """
     from draftopd.evaluation.report import write_report
 
@@ -319,6 +328,7 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, te
                 "device": str(target.device), "hardware": hardware_record(target.dtype, target.device), "temperature": temperature, "max_new_tokens": max_new_tokens,
                 "block_size": block_size, "thinking": thinking, "max_prompt_tokens": max_prompt_tokens, "seed": seed}
     out = Path(out_dir)
+    check_eval_dir(out, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     log = SampleLog(out, settings, resume)
     runner = Runner(target, drafters, sizes, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from draftopd.data.rollouts import load_rollouts
 from draftopd.errors import DraftOPDError
+from draftopd.io import check_output_dir, holds
 from draftopd.evaluation.offline import offline_tau
 from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_drafter
 from draftopd.model.precision import hardware_record
@@ -157,6 +158,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         raise DraftOPDError(f"nothing to resume: {out}/checkpoints has no checkpoint")
     if not resume and ckpt is not None:
         raise DraftOPDError(f"{out} already has checkpoints; pass --resume to continue or choose another out_dir")
+    check_output_dir(out, kind="training run", is_kind=holds("config.json"), resume=True)  # resume: checked above
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
