@@ -84,3 +84,9 @@ def tiny_rollouts(tiny_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-rollouts")
     write_rollouts(d, {"target": target_identity(target.model, target.name)}, rollouts)
     return d
+
+
+def without_dtype_notice(err: str) -> str:
+    """stderr less the once-per-process notice of dtype auto falling back to fp32 (printed on
+    CPUs without fast bf16 before a command's own output)."""
+    return "\n".join(line for line in err.strip().splitlines() if not line.startswith("draftopd: dtype auto"))

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModel
 
-from conftest import TINY, tiny_drafter, tiny_target
+from conftest import TINY, tiny_drafter, tiny_target, without_dtype_notice
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
 from draftopd.model.checkpoint import build_config, load_drafter, save_drafter
@@ -131,7 +131,7 @@ def _export_error(capsys, draft: str, tmp_path) -> str:
 
     assert main(["export", "--draft", draft, "--out", str(tmp_path / "out")]) == 2
     captured = capsys.readouterr()
-    err = captured.err.strip()
+    err = without_dtype_notice(captured.err)
     assert len(err.splitlines()) == 1 and "Traceback" not in captured.err, captured.err
     assert err.startswith("draftopd export: error: ")
     return err
@@ -194,7 +194,7 @@ def test_unknown_hub_id_fails_fast(tmp_path, capsys, monkeypatch, offline):
     t0 = time.perf_counter()
     assert main(["init-draft", "--target", "nobody-draftopd-test/no-such-model", "--out", str(tmp_path / "x")]) == 2
     assert time.perf_counter() - t0 < 5
-    err = capsys.readouterr().err.strip()
+    err = without_dtype_notice(capsys.readouterr().err)
     assert len(err.splitlines()) == 1 and "target 'nobody-draftopd-test/no-such-model': not a local directory" in err
     if offline:
         assert "HF_HUB_OFFLINE is set" in err

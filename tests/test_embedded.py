@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import tiny_drafter, tiny_target
+from conftest import tiny_drafter, tiny_target, without_dtype_notice
 from draftopd.cli.main import main
 from draftopd.data.prompts import apply_chat_template, load_prompts
 from draftopd.decoding.speculative import spec_generate
@@ -123,13 +123,13 @@ def test_partially_accepted_blocks_equal_hf_generate(smollm, smol_drafter, promp
 @pytest.fixture(scope="module")
 def draft_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "draft"
-    assert main(["init-draft", "--out", str(out), "--num-layers", "1", "--block-size", "8"]) == 0
+    assert main(["init-draft", "--out", str(out), "--num-layers", "1", "--block-size", "8", "--dtype", "fp32"]) == 0
     return out
 
 
 def test_init_draft_loads_everywhere(smollm, tmp_path, capsys):
     out = tmp_path / "draft"
-    assert main(["init-draft", "--out", str(out), "--num-layers", "1", "--block-size", "8"]) == 0
+    assert main(["init-draft", "--out", str(out), "--num-layers", "1", "--block-size", "8", "--dtype", "fp32"]) == 0
     printed = capsys.readouterr().out
     assert "mask_token_id=16 (<empty_output>)" in printed
 
@@ -164,7 +164,8 @@ def test_init_draft_loads_everywhere(smollm, tmp_path, capsys):
 
 
 def test_generate_json_equals_greedy(smollm, draft_dir, capsys):
-    assert main(["generate", "--draft", str(draft_dir), "--max-new-tokens", "12", "--json", CLI_PROMPT]) == 0
+    assert main(["generate", "--draft", str(draft_dir), "--max-new-tokens", "12", "--dtype", "fp32", "--json",
+                 CLI_PROMPT]) == 0
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
     assert len(lines) == 1
@@ -230,7 +231,7 @@ def test_bad_input_exits_2_with_one_line(case, draft_dir, foreign_draft_dir, tmp
     build, command, message = BAD_INPUTS[case]
     assert main(build(draft_dir, foreign_draft_dir, tmp_path)) == 2
     captured = capsys.readouterr()
-    err = captured.err.strip()
+    err = without_dtype_notice(captured.err)
     assert len(err.splitlines()) == 1, captured.err
     assert err.startswith(f"draftopd {command}: error: ") and message in err, err
     assert captured.out == ""
@@ -240,4 +241,4 @@ def test_target_dir_without_model_exits_2(draft_dir, tmp_path, capsys):
     empty = tmp_path / "not-a-model"
     empty.mkdir()
     assert main(["generate", "--draft", str(draft_dir), "--target", str(empty), "hi"]) == 2
-    assert capsys.readouterr().err.strip().startswith("draftopd generate: error: target ")
+    assert without_dtype_notice(capsys.readouterr().err).startswith("draftopd generate: error: target ")

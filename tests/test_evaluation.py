@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import tiny_drafter, tiny_target
+from conftest import tiny_drafter, tiny_target, without_dtype_notice
 from draftopd.cli.main import main
 from draftopd.data.prompts import load_prompts
 from draftopd.data.rollouts import Rollout, write_rollouts
@@ -190,8 +190,9 @@ def test_drafter_recorded_for_another_target_is_refused(smollm, tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     small = save_drafter(tiny_drafter(tiny_target("qwen3")), tmp_path / "tiny")
-    assert main(["eval", "--draft", str(small), "--bench", "gsm8k", "--samples", "1", "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
+    assert main(["eval", "--draft", str(small), "--bench", "gsm8k", "--samples", "1",
+                 "--out", str(tmp_path / "eval")]) == 2
+    err = without_dtype_notice(capsys.readouterr().err)
     assert "\n" not in err and "does not fit target" in err and "hidden_size 64 != target hidden_size 576" in err
     assert main(["eval", "--draft", str(small), "--samples", "0"]) == 2
     assert "--samples must be positive" in capsys.readouterr().err

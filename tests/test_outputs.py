@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_drafter, tiny_target
+from conftest import tiny_drafter, tiny_target, without_dtype_notice
 from draftopd.cli.main import main
 from draftopd.errors import DraftOPDError
 from draftopd.io import atomic_dir, check_output_dir, holds
@@ -25,7 +25,7 @@ def snapshot(root: Path) -> dict:
 
 def one_line_error(capsys, command: str, message: str) -> None:
     captured = capsys.readouterr()
-    err = captured.err.strip()
+    err = without_dtype_notice(captured.err)
     assert len(err.splitlines()) == 1, captured.err
     assert err.startswith(f"draftopd {command}: error: ") and message in err, err
     assert "Traceback" not in captured.err

@@ -73,3 +73,17 @@ def test_load_target_auto_follows_the_probe(probe, tiny_dir):
     probe(4.0)
     assert load_target(str(tiny_dir)).dtype == torch.bfloat16
     assert load_target(str(tiny_dir), dtype="fp32").dtype == torch.float32
+
+
+def test_a_fallback_to_fp32_is_announced_once(probe, monkeypatch, tiny_dir, capsys):
+    from draftopd.model import target as target_module
+
+    monkeypatch.setattr(target_module, "_ANNOUNCED", set())
+    probe(1 / 40)
+    target_module.load_target(str(tiny_dir))
+    target_module.load_target(str(tiny_dir))
+    err = capsys.readouterr().err
+    assert err.count("dtype auto -> float32: CPU") == 1 and "40.0x slower" in err
+    probe(4.0)
+    target_module.load_target(str(tiny_dir))
+    assert capsys.readouterr().err == ""  # bf16 chosen: recorded in results, nothing to warn about

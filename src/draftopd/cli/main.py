@@ -8,6 +8,7 @@ import json
 import sys
 import time
 
+from draftopd.cli import DTYPE_CHOICES, DTYPE_HELP
 from draftopd.errors import DraftOPDError
 
 EMBEDDED_TARGET = "smollm2-135m"
@@ -50,6 +51,8 @@ def cmd_generate(args) -> None:
     from draftopd.model.checkpoint import load_drafter
     from draftopd.model.target import load_target, stop_token_ids
 
+    if args.max_new_tokens <= 0:
+        raise DraftOPDError(f"max_new_tokens must be positive, got {args.max_new_tokens}")
     draft = load_drafter(args.draft)  # first: a bad path fails before the target loads
     target = load_target(args.target, dtype=args.dtype)
     draft.to(target.dtype)
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target layers whose outputs condition the drafter, e.g. 1,9,17 (default: spread over 1..L-3)")
     s.add_argument("--mask-token-id", type=int, default=None,
                    help="id whose embedding marks masked slots (default: a spare row, else an unused special token)")
-    s.add_argument("--dtype", default="fp32", help="fp32 or bf16 (default %(default)s)")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=f"{DTYPE_HELP} (default %(default)s)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output directory (reference DFlash format); must be new or empty")
     s.add_argument("--overwrite", action="store_true", help="replace an existing drafter directory at --out")
@@ -118,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="speculative decoding of one prompt; prints text, tau and tok/s")
     s.add_argument("prompt")
     s.add_argument("--target", default=EMBEDDED_TARGET)
-    s.add_argument("--draft", required=True, help="drafter directory")
+    s.add_argument("--draft", default="smollm2-135m-dflash",
+                   help="drafter directory, shipped alias or HF id (default: %(default)s, for the embedded target)")
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)
@@ -126,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, default=None, help="verify this many tokens per step (default: drafter's)")
     s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="chat template thinking switch for targets that have one (Qwen3)")
-    s.add_argument("--dtype", default="fp32")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=f"{DTYPE_HELP} (default %(default)s)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     s.set_defaults(func=cmd_generate)

@@ -101,12 +101,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def describe_auto(name: str | torch.dtype, device: str | torch.device = "cpu") -> str | None:
-    """The line to print when `auto` chose the dtype (None when the user named one)."""
+def describe_fallback(name: str | torch.dtype, device: str | torch.device = "cpu") -> str | None:
+    """The line to print when `auto` falls back to fp32, and why (None otherwise: the chosen
+    dtype is recorded in every results file, see `hardware_record`)."""
     if name != "auto":
         return None
     dtype, why = auto_dtype(device)
-    return f"dtype auto -> {dtype_name(dtype)} ({why})"
+    return f"dtype auto -> {dtype_name(dtype)}: {why}" if dtype == torch.float32 else None
 
 
 def hardware_record(dtype: torch.dtype, device: str | torch.device = "cpu") -> dict:

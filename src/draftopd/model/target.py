@@ -23,7 +23,7 @@ from torch import nn
 
 from draftopd import hub
 from draftopd.errors import DraftOPDError
-from draftopd.model.precision import describe_auto, parse_dtype
+from draftopd.model.precision import describe_fallback, parse_dtype
 
 EMBEDDED = {
     "smollm2-135m": {
@@ -142,13 +142,13 @@ _ANNOUNCED: set[str] = set()
 def load_target(spec: str, *, dtype: str | torch.dtype = "auto", device: str = "cpu") -> Target:
     """Load a target by HF id, local path or embedded alias; frozen, eval mode.
 
-    `dtype="auto"` (the default) is bf16 on CUDA and on CPUs with fast bf16, else fp32; the
-    choice and its reason are printed once per process.
+    `dtype="auto"` (the default) is bf16 on CUDA and on CPUs with fast bf16, else fp32; a
+    fallback to fp32 is printed once per process, with its reason.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_target(spec)
-    line = describe_auto(dtype, device)
+    line = describe_fallback(dtype, device)
     if line and line not in _ANNOUNCED:
         _ANNOUNCED.add(line)
         print(f"draftopd: {line}", file=sys.stderr, flush=True)
