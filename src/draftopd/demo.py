@@ -160,11 +160,7 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
     ratio = tau_ratio(counts[opd_name], counts[start_name])
     walk_tau = {n: sum(t for t, _ in c) / max(sum(s for _, s in c), 1) for n, c in counts.items()}
 
-    per_token = _decode_seconds_per_token(target)
-    runs_per_sample = 2 + len(drafters)  # target alone, HF generate, each drafter
-    decode_tokens = 64
-    samples = int(seconds / 3 / (per_token * decode_tokens * runs_per_sample * len(plan.heldout) * 1.3))
-    samples = max(1, min(samples, 4))
+    samples, decode_tokens, per_token = _decode_size(target, len(drafters), len(plan.heldout), seconds / 3)
     _say(f"   timed decoding: {samples} prompt(s) per benchmark x {decode_tokens} tokens "
          f"(target step {per_token * 1000:.0f} ms here)")
     decoded = evaluate(target, drafters, list(plan.heldout), samples=samples, max_new_tokens=decode_tokens,
@@ -175,6 +171,20 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
                        "greedy_mismatches": sum(s.get("greedy_mismatches") or 0 for per in decoded["summary"].values()
                                                 for s in per.values()),
                        "greedy_runs": sum(1 for r in decoded["samples"] if r["method"] == "draft")}}
+
+
+def _decode_size(target, n_drafters: int, n_benches: int, seconds: float) -> tuple[int, int, float]:
+    """(prompts per benchmark, tokens per run, measured seconds per target step) for timed decoding.
+
+    Each prompt runs target alone, HF generate and every drafter (a drafter step costs about a
+    target step; 1.3x covers prefill and MT-Bench's second turns). Tokens shrink (to 24) before
+    prompts drop below one per benchmark; extra time buys more prompts (up to 4).
+    """
+    per_token = _decode_seconds_per_token(target)
+    per_prompt_token = per_token * (2 + n_drafters) * n_benches * 1.3
+    tokens = int(min(64, max(24, seconds / per_prompt_token)))
+    samples = int(min(4, max(1, seconds / (per_prompt_token * tokens))))
+    return samples, tokens, per_token
 
 
 def _decode_seconds_per_token(target) -> float:
