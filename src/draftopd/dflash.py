@@ -37,9 +37,10 @@ except ImportError:  # standalone remote code
         """Bad input or state the caller can fix."""
 
 
-# Greedy verification scores the target's rows this many at a time and stops at the first
-# rejection; 4 rows cost about 60% of 16 on a CPU, and CPU GEMMs give rows of 4 the same bits
-# as the full block (so does bf16 at any count), keeping outputs equal to scoring every row.
+# Greedy verification scores the target's rows (LM head) this many at a time and stops at the
+# first rejection. On the CPUs measured, 4 rows cost about 60% of 16 in fp32, and GEMMs give
+# aligned chunks of 4 rows the same bits as the whole block (bf16: chunks of any size), so the
+# outputs stay those of scoring every row; 1 row takes a GEMV path with other bits.
 VERIFY_ROWS = 4
 
 
@@ -566,9 +567,9 @@ def spec_generate(
             )
             block[1:size], draft_probs = choose(draft.compute_logits(hidden[0, 1:size], head))
             block = block[:size]
+        keep = {"logits_to_keep": positions[: min(size, VERIFY_ROWS)]} if lazy else {}  # the first rows only
         o = target(input_ids=block[None], position_ids=positions[None, start : start + size],
-                   **{kw: target_cache}, use_cache=True, output_hidden_states=size > 1,
-                   logits_to_keep=positions[: min(size, VERIFY_ROWS)] if lazy else 0)
+                   **{kw: target_cache}, use_cache=True, output_hidden_states=size > 1, **keep)
         logits = o.logits[0]  # [rows, V]: the target's next-token logits after the first block tokens
         if greedy:
             def argmax_rows(s, e):
