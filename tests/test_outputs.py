@@ -56,6 +56,8 @@ def test_check_output_dir_rules(tmp_path, drafter_dir, foreign):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DraftOPDError, match="exists and is not a directory"):
         check_output_dir(tmp_path / "file", **kind, overwrite=True)
+    with pytest.raises(DraftOPDError, match="file is not a directory, so .* cannot be created"):
+        check_output_dir(tmp_path / "file" / "sub" / "out", **kind)
     for flags in ({}, {"overwrite": True}, {"resume": True}):  # someone else's files: never
         with pytest.raises(DraftOPDError, match="does not hold a drafter"):
             check_output_dir(foreign, **kind, **flags)

@@ -32,6 +32,9 @@ def check_output_dir(path: str | Path, *, kind: str, is_kind: Callable[[Path], b
     refused unless `overwrite` (the caller replaces it) or `resume` (the caller continues it).
     """
     path = Path(path)
+    blocked = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if blocked is not None and not blocked.is_dir():
+        raise DraftOPDError(f"{blocked} is not a directory, so {path} cannot be created there")
     if not path.exists() and not path.is_symlink():
         return False
     if not path.is_dir():
@@ -56,8 +59,11 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     beside the untouched `out`. Call `check_output_dir` first: this replaces what is there.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as e:
+        raise DraftOPDError(f"{out.parent}: cannot write there ({e.strerror or e})") from None
     try:
         yield tmp
         if out.exists():
