@@ -97,7 +97,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # the device runs this tree as copied, not an installed draftopd
 
 from draftopd.decoding.speculative import spec_generate  # noqa: E402
-from draftopd.evaluation.offline import offline_walks  # noqa: E402
+from draftopd.training.onpolicy import offline_walks  # noqa: E402
 from draftopd.model.drafter import context_features  # noqa: E402
 from draftopd.training.anchors import accepted_prefix, onpolicy_walk  # noqa: E402
 from draftopd.training.blocks import block_inputs, replay  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 from draftopd.data.prompts import apply_chat_template, load_prompts
 from draftopd.data.rollouts import RolloutSettings, generate_rollouts
 from draftopd.decoding.speculative import spec_generate
-from draftopd.evaluation.offline import offline_walks
+from draftopd.training.onpolicy import offline_walks
 from draftopd.model.checkpoint import init_drafter, load_drafter, save_drafter
 from draftopd.model.target import stop_token_ids
 from draftopd.training.config import load_config

@@ -138,7 +138,7 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
     from draftopd.data.rollouts import read_records
     from draftopd.evaluation.bench import TokenSequence, evaluate
     from draftopd.evaluation.metrics import tau_ratio
-    from draftopd.evaluation.offline import offline_walks
+    from draftopd.training.onpolicy import offline_walks
 
     import torch
 

@@ -20,12 +20,12 @@ import torch
 from draftopd.data.prompts import Prompt, apply_chat_template, load_prompts
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
-from draftopd.io import check_output_dir, holds
 from draftopd.evaluation.metrics import mean_tau, speedup, summarize_runs
-from draftopd.evaluation.offline import offline_tau, offline_walks
+from draftopd.io import check_output_dir, holds
 from draftopd.model.checkpoint import drafter_target_name
 from draftopd.model.precision import dtype_name, hardware_record
 from draftopd.model.target import stop_token_ids, target_identity
+from draftopd.training.onpolicy import offline_tau, offline_walks
 
 SAMPLES, SETTINGS = "samples.jsonl", "settings.json"
 LOOP, HF, DRAFT = "loop", "hf", "draft"  # record methods: target alone (B=1), HF generate, a drafter

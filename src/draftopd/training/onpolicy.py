@@ -7,6 +7,9 @@ a_{m+1} = a_m + r_m + 1: the anchors and acceptance lengths a live decode would 
 
 The LM head dominates cost, so drafts are scored progressively: offset k is scored only
 for anchors whose offsets < k all matched (about tau rows per anchor instead of B-1).
+
+The same walk is the exact greedy tau of a drafter on cached target text (`offline_tau`),
+without running the decoder: the trainer's held-out curve and the evaluation's fast path.
 """
 
 from dataclasses import dataclass
@@ -15,6 +18,7 @@ import torch
 
 from draftopd.training.anchors import onpolicy_walk
 from draftopd.training.blocks import block_labels, replay
+from draftopd.training.target_pass import target_states
 
 
 @dataclass
@@ -64,3 +68,25 @@ def walk_sequence(draft, target, features, ids, prompt_len: int, length: int) ->
     r = candidate_acceptance(draft, target, features, ids, prompt_len, length).tolist()
     anchors, lengths = onpolicy_walk(r, prompt_len, length - 1)
     return Walk(anchors, [r[a - prompt_len] for a in anchors], lengths)
+
+
+@torch.no_grad()
+def offline_walks(draft, target, sequences, layer_ids=None) -> list[Walk]:
+    """One walk per sequence (objects with `.ids` [L] and `.prompt_len`) over its cached text."""
+    device = next(target.parameters()).device
+    walks = []
+    for seq in sequences:
+        ids = seq.ids[None].to(device)
+        L = ids.shape[1]
+        feats = target_states(target, ids, torch.tensor([L], device=device), layer_ids or draft.target_layer_ids).features
+        walks.append(walk_sequence(draft, target, feats.to(next(draft.parameters()).dtype), ids, seq.prompt_len, L))
+    return walks
+
+
+def offline_tau(draft, target, sequences) -> dict:
+    """Token-weighted tau (generated tokens / verify steps) and the mean of per-sequence taus."""
+    walks = offline_walks(draft, target, sequences)
+    steps = sum(len(w.lengths) for w in walks)
+    tokens = sum(sum(w.lengths) for w in walks)
+    return {"tau": tokens / max(steps, 1), "tau_per_sample_mean": sum(w.tau for w in walks) / max(len(walks), 1),
+            "steps": steps, "sequences": len(walks)}

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from draftopd.data.rollouts import load_rollouts
 from draftopd.errors import DraftOPDError
 from draftopd.io import check_output_dir, holds
-from draftopd.evaluation.offline import offline_tau
 from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_drafter
 from draftopd.model.precision import hardware_record
 from draftopd.model.target import load_target, target_identity
@@ -27,6 +26,7 @@ from draftopd.training.config import TrainConfig
 from draftopd.training.data import BatchPlan, build_sequences, split_heldout
 from draftopd.training.losses import implied_tau
 from draftopd.training.metrics import MetricsLog
+from draftopd.training.onpolicy import offline_tau
 
 
 @dataclass
