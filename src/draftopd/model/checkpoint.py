@@ -35,11 +35,6 @@ REQUIRED_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", 
 HUB_FILES = ["*.json", "*.safetensors", "*.py"]
 
 
-def remote_code_source() -> str:
-    """The checkpoint's `dflash.py`: draftopd's own module, byte for byte."""
-    return Path(dflash.__file__).read_text()
-
-
 def choose_mask_token_id(tokenizer, vocab_size: int) -> int:
     """A spare embedding row past the tokenizer if there is one, else an unused special token."""
     if len(tokenizer) < vocab_size:
@@ -171,7 +166,7 @@ def save_drafter(model: DFlashDraftModel, out: str | Path, *, dtype: torch.dtype
         state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(checkpoint_config(model, dtype), indent=2, sort_keys=True) + "\n")
-        shutil.copyfile(dflash.__file__, tmp / "dflash.py")
+        shutil.copyfile(dflash.__file__, tmp / "dflash.py")  # the remote code: our own module, byte for byte
     return out
 
 

@@ -15,5 +15,4 @@ from draftopd.dflash import (  # noqa: F401
     apply_rope,
     context_features,
     default_target_layer_ids,
-    keys_values,
 )
