@@ -75,16 +75,18 @@ def test_dropped_answers_are_retried_exactly_once(smollm, prompts, identity, ref
 
 
 def test_interrupted_run_resumes_exactly_once(smollm, prompts, identity, reference, server, tmp_path, monkeypatch):
-    out, written = tmp_path / "r", []
-    append = engine._append
+    from draftopd.data.rollouts import RolloutWriter
 
-    def killed_after_three(f, rollouts):
-        append(f, rollouts)
+    out, written = tmp_path / "r", []
+    append = RolloutWriter.append
+
+    def killed_after_three(writer, rollouts):
+        append(writer, rollouts)
         written.extend(rollouts)
         if len(written) >= 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "_append", killed_after_three)
+    monkeypatch.setattr(RolloutWriter, "append", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
         run(server.url, smollm, prompts, out, identity)
     monkeypatch.undo()

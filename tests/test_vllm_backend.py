@@ -17,7 +17,7 @@ import pytest
 
 from draftopd.cli.main import main
 from draftopd.data.prompts import load_prompts
-from draftopd.data.rollouts import RolloutSettings, _generate, _generation_config, generate_rollouts, load_rollouts
+from draftopd.data.rollouts import RolloutSettings, generate_batch, generate_rollouts, generation_config, load_rollouts
 from draftopd.data.vllm_offline import vllm_rollouts
 from draftopd.errors import DraftOPDError
 from draftopd.model.target import stop_token_ids, target_identity
@@ -61,8 +61,8 @@ def standin(smollm, monkeypatch):
                 calls.prompts.append(prompt["prompt_token_ids"])
                 calls.params.append(params)
                 stop = set(params.stop_token_ids)
-                config = _generation_config(replace(SETTINGS, max_new_tokens=params.max_tokens), sorted(stop), 0)
-                ids = _generate(smollm.model, [prompt["prompt_token_ids"]], config, 0, stop)[0]
+                config = generation_config(replace(SETTINGS, max_new_tokens=params.max_tokens), sorted(stop), 0)
+                ids = generate_batch(smollm.model, [prompt["prompt_token_ids"]], config, 0, stop)[0]
                 done = ids[-1] in stop
                 answers.append(SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=[SimpleNamespace(
                     token_ids=tuple(ids), finish_reason="stop" if done else "length", stop_reason=None)]))

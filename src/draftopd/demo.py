@@ -14,7 +14,6 @@ finished phase is skipped), so an interrupted demo picks up where it stopped.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +72,7 @@ def _rollouts(target, spec: str, out: Path, plan: DemoPlan, minutes: float, what
 
 
 def run_demo(plan: DemoPlan = DemoPlan()) -> dict:
-    from draftopd.io import check_output_dir
+    from draftopd.io import check_output_dir, write_json_atomic
     from draftopd.model.checkpoint import init_drafter, load_drafter, save_drafter
     from draftopd.model.precision import hardware_record
     from draftopd.model.target import load_target
@@ -124,7 +123,7 @@ def run_demo(plan: DemoPlan = DemoPlan()) -> dict:
     results["hardware"] = hw
     results["seconds"] = time.time() - t0
     _print_summary(results, out, start_name)
-    (out / "demo-summary.json").write_text(json.dumps(results, indent=2))
+    write_json_atomic(out / "demo-summary.json", results)
     return results
 
 

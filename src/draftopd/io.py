@@ -8,6 +8,7 @@ replaced only when asked (`overwrite`) or reused by a command that resumes (`res
 interrupted write leaves the old output as it was.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -75,3 +76,15 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON so that a kill leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -17,20 +17,14 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
-from tqdm.auto import tqdm
-
 from draftopd.data.prompts import Prompt
-from draftopd.data.rollouts import (FINISH_REASONS, FORMAT, META, RECORDS, Rollout, RolloutSettings, _append, _problem,
-                                    _read_meta, _start_or_resume, _write_json, prompt_seeds,
-                                    prompt_token_ids)
+from draftopd.data.rollouts import (FINISH_REASONS, Rollout, RolloutSettings, RolloutWriter, _problem, prompt_seeds,
+                                    prompt_token_ids, read_meta, rollout_meta)
 from draftopd.errors import DraftOPDError
 from draftopd.model.target import EMBEDDED, resolve_target, stop_token_ids, target_identity
 
@@ -222,22 +216,17 @@ def engine_rollouts(base_url: str, model_name: str, tokenizer, prompts: list[Pro
     seeds = prompt_seeds(prompts, settings)
     # The engine's weight dtype is not visible through the API; "engine" also keeps a local
     # run from resuming this directory (and the other way round).
-    meta = {"format": FORMAT, "target": target_identity, "dtype": "engine", "settings": asdict(settings),
-            "prompts": prompt_spec, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "token_ids": "exact", "engine": {"url": client.url, "model": model_name}}
-    out = Path(out_dir)
-    done = _start_or_resume(out, meta)
-    exact_on_disk = _read_meta(out).get("token_ids") == "exact"
-    todo = [p for p in prompts if p.id in prompt_ids and p.id not in done]
+    meta = rollout_meta(target_identity, "engine", settings, prompt_spec,
+                        engine={"url": client.url, "model": model_name})
     vocab_size = target_identity.get("vocab_size")
 
     pool = ThreadPoolExecutor(concurrency, thread_name_prefix="draftopd-engine")
-    tokens, t0 = 0, time.perf_counter()
     try:
-        pending = {pool.submit(_complete, client, model_name, p, prompt_ids[p.id], settings, stop, seeds[p.id],
-                               tokenizer, vocab_size) for p in todo}
-        with open(out / RECORDS, "ab") as f, tqdm(total=len(prompt_ids), initial=len(prompt_ids) - len(todo),
-                                                  unit="prompt", desc="rollouts", disable=not progress) as bar:
+        with RolloutWriter(out_dir, meta, prompt_ids, progress=progress) as writer:
+            exact_on_disk = read_meta(writer.out).get("token_ids") == "exact"
+            todo = [p for p in prompts if p.id in prompt_ids and p.id not in writer.done]
+            pending = {pool.submit(_complete, client, model_name, p, prompt_ids[p.id], settings, stop, seeds[p.id],
+                                   tokenizer, vocab_size) for p in todo}
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 results, error = [], None
@@ -246,23 +235,18 @@ def engine_rollouts(base_url: str, model_name: str, tokenizer, prompts: list[Pro
                         results.append(future.result())
                     except DraftOPDError as e:
                         error = error or e
-                new = [(r, exact) for r, exact in results if r.id not in done]
+                new = [(r, exact) for r, exact in results if r.id not in writer.done]
                 if exact_on_disk and not all(exact for _, exact in new):
-                    meta_now = _read_meta(out)
-                    _write_json(out / META, {**meta_now, "token_ids": "retokenized"})  # before such records land
+                    writer.update_meta(token_ids="retokenized")  # before such records land
                     exact_on_disk = False
                 if new:
-                    _append(f, [r for r, _ in new])  # one write + fsync for all that finished together
-                    done.update(r.id for r, _ in new)
-                    tokens += sum(len(r.response_ids) for r, _ in new)
-                    bar.update(len(new))
-                    bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.1f} tok/s")
+                    writer.append([r for r, _ in new])  # one write + fsync for all that finished together
                 if error:
                     raise error
     finally:
         stopping.set()
         pool.shutdown(wait=False, cancel_futures=True)
-    return out
+    return writer.out
 
 
 def target_without_weights(spec: str) -> tuple[object, dict, list[int]]:

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from draftopd.data.rollouts import RolloutSettings, _generate, _generation_config
+from draftopd.data.rollouts import RolloutSettings, generate_batch, generation_config
 from draftopd.errors import DraftOPDError
 from draftopd.model.target import stop_token_ids
 
@@ -110,8 +110,8 @@ class EngineServer:
             self._cache.move_to_end(key)
             return self._cache[key]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (stop or [0])[0]
-        config = _generation_config(RolloutSettings(max_new_tokens=max_tokens), stop, pad_id)
-        ids = _generate(self.model, [prompt], config, pad_id, set(stop))[0]
+        config = generation_config(RolloutSettings(max_new_tokens=max_tokens), stop, pad_id)
+        ids = generate_batch(self.model, [prompt], config, pad_id, set(stop))[0]
         self._cache[key] = ids
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from draftopd.data.prompts import Prompt, apply_chat_template
 from draftopd.errors import DraftOPDError
-from draftopd.io import check_output_dir, holds
+from draftopd.io import check_output_dir, holds, write_json_atomic
 from draftopd.model.precision import dtype_name, hardware_record
 from draftopd.model.target import stop_token_ids, target_identity
 
@@ -70,41 +70,29 @@ def generate_rollouts(target, prompts: list[Prompt], out_dir, settings: RolloutS
     and seeds, as an uninterrupted one. Prompts over `settings.max_prompt_tokens` are skipped.
     `max_seconds` starts no new batch once that much time has passed (a rerun continues).
     """
-    out = Path(out_dir)
     tok, model = target.tokenizer, target.model
     prompt_ids = prompt_token_ids(tok, prompts, settings)
-    meta = {"format": FORMAT, "target": target_identity(model, target.name),
-            "dtype": dtype_name(target.dtype), "hardware": hardware_record(target.dtype, target.device),
-            "settings": asdict(settings),
-            "prompts": prompt_spec, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "token_ids": "exact"}
-    done = _start_or_resume(out, meta)
-    order = sorted((p for p in prompts if p.id in prompt_ids), key=lambda p: -len(prompt_ids[p.id]))
-    batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-    todo = [(i, [p for p in b if p.id not in done]) for i, b in enumerate(batches)]
-    todo = [(i, b) for i, b in todo if b]
-
+    meta = rollout_meta(target_identity(model, target.name), dtype_name(target.dtype), settings, prompt_spec,
+                        hardware=hardware_record(target.dtype, target.device))
     stop = stop_token_ids(tok, model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (stop[0] if stop else 0)
-    config = _generation_config(settings, stop, pad_id)
-
-    remaining = sum(len(b) for _, b in todo)
-    tokens, t0 = 0, time.perf_counter()
-    with open(out / RECORDS, "ab") as f, tqdm(total=len(order), initial=len(order) - remaining, unit="prompt",
-                                              desc="rollouts", disable=not progress) as bar:
-        for index, batch in todo:
+    pad_id = pad_token_id(tok, stop)
+    config = generation_config(settings, stop, pad_id)
+    t0 = time.perf_counter()
+    with RolloutWriter(out_dir, meta, prompt_ids, progress=progress) as writer:
+        order = sorted((p for p in prompts if p.id in prompt_ids), key=lambda p: -len(prompt_ids[p.id]))
+        batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+        for index, batch in enumerate(batches):
+            batch = [p for p in batch if p.id not in writer.done]
+            if not batch:
+                continue
             if settings.temperature > 0:
                 torch.manual_seed(settings.seed + index)
-            responses = _generate(model, [prompt_ids[p.id] for p in batch], config, pad_id, set(stop))
-            rollouts = [Rollout(p.id, prompt_ids[p.id], r, "stop" if r[-1] in stop else "length",
-                                {"source": p.source, **p.meta}) for p, r in zip(batch, responses)]
-            _append(f, rollouts)
-            tokens += sum(len(r) for r in responses)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.1f} tok/s")
+            responses = generate_batch(model, [prompt_ids[p.id] for p in batch], config, pad_id, set(stop))
+            writer.append([Rollout(p.id, prompt_ids[p.id], r, "stop" if r[-1] in stop else "length",
+                                   {"source": p.source, **p.meta}) for p, r in zip(batch, responses)])
             if max_seconds is not None and time.perf_counter() - t0 >= max_seconds:
                 break
-    return out
+    return writer.out
 
 
 def prompt_token_ids(tokenizer, prompts: list[Prompt], settings: RolloutSettings) -> dict[str, list[int]]:
@@ -131,7 +119,7 @@ def load_rollouts(out_dir, *, expect_target: dict | None = None) -> tuple[dict, 
     """(meta, rollouts) of a rollout directory; `expect_target` (a target_identity) guards against
     training a drafter on another target's responses. A last line cut short by a kill is ignored."""
     out = Path(out_dir)
-    meta = _read_meta(out)
+    meta = read_meta(out)
     if expect_target is not None and meta["target"] != expect_target:
         made = meta["target"]
         key = _first_difference(made, expect_target)
@@ -143,6 +131,53 @@ def load_rollouts(out_dir, *, expect_target: dict | None = None) -> tuple[dict, 
         raise DraftOPDError(f"rollouts {out} hold no rollouts yet ({out / RECORDS} is empty or missing); "
                             "rerun `draftopd rollout` to make them")
     return meta, rollouts
+
+
+def rollout_meta(identity: dict, dtype: str, settings: RolloutSettings, prompt_spec: str, **extra) -> dict:
+    """meta.json of a new rollout run: what a resumed run must match, and where it came from."""
+    return {"format": FORMAT, "target": identity, "dtype": dtype, "settings": asdict(settings),
+            "prompts": prompt_spec, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "token_ids": "exact", **extra}
+
+
+class RolloutWriter:
+    """The one writer of a rollout directory, shared by every backend (local, HTTP engine, vLLM).
+
+    Entering creates the directory with `meta`, or resumes the run left there (same target,
+    dtype, prompt spec and settings, else one line); `done` holds the ids already on disk.
+    `append` writes a group of records whole (one write, then fsync), so a kill cuts at most
+    the last line short, and the next run drops it. A progress bar counts `prompt_ids`.
+    """
+
+    def __init__(self, out_dir, meta: dict, prompt_ids: dict, *, progress: bool = True):
+        self.out, self.meta, self.prompt_ids, self.progress = Path(out_dir), meta, prompt_ids, progress
+        self.done: set[str] = set()
+        self.tokens = 0
+
+    def __enter__(self) -> "RolloutWriter":
+        self.done = _start_or_resume(self.out, self.meta)
+        self._file = open(self.out / RECORDS, "ab")
+        finished = sum(1 for i in self.prompt_ids if i in self.done)
+        self._bar = tqdm(total=len(self.prompt_ids), initial=finished, unit="prompt", desc="rollouts",
+                         disable=not self.progress)
+        self._t0 = time.perf_counter()
+        return self
+
+    def append(self, records: list[Rollout]) -> None:
+        _append(self._file, records)
+        self.done.update(r.id for r in records)
+        self.tokens += sum(len(r.response_ids) for r in records)
+        self._bar.update(len(records))
+        self._bar.set_postfix_str(f"{self.tokens / (time.perf_counter() - self._t0):.1f} tok/s")
+
+    def update_meta(self, **changes) -> None:
+        """Record a change of the run's meta (e.g. token ids retokenized) before such records land."""
+        self.meta = {**read_meta(self.out), **changes}
+        write_json_atomic(self.out / META, self.meta)
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+        self._file.close()
 
 
 def write_rollouts(out_dir, meta: dict, rollouts: list[Rollout]) -> None:
@@ -164,12 +199,13 @@ def write_rollouts(out_dir, meta: dict, rollouts: list[Rollout]) -> None:
         if problem:
             raise DraftOPDError(f"rollout {i} ({r.id!r}): {problem}")
         seen.add(r.id)
+    check_output_dir(out, kind="rollout directory", is_kind=holds(META), overwrite=True)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (RECORDS + ".tmp")
     with open(tmp, "wb") as f:
         _append(f, rollouts)
     os.replace(tmp, out / RECORDS)
-    _write_json(out / META, meta)
+    write_json_atomic(out / META, meta)
 
 
 def read_records(out_dir, *, vocab_size: int | None = None) -> list[Rollout]:
@@ -234,9 +270,9 @@ def _start_or_resume(out: Path, meta: dict) -> set[str]:
     """
     if not check_rollout_dir(out):
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / META, meta)
+        write_json_atomic(out / META, meta)
         return set()
-    old = _read_meta(out)
+    old = read_meta(out)
     for key in ("target", "dtype", "prompts", "settings"):
         a, b = old.get(key), meta[key]
         if a != b:
@@ -254,7 +290,7 @@ def _start_or_resume(out: Path, meta: dict) -> set[str]:
     return {r.id for r in read_records(out, vocab_size=meta["target"]["vocab_size"])}
 
 
-def _read_meta(out: Path) -> dict:
+def read_meta(out: Path) -> dict:
     path = out / META
     if not path.is_file():
         raise DraftOPDError(f"{out} is not a rollout directory (no {META}); make one with `draftopd rollout`")
@@ -270,17 +306,6 @@ def _read_meta(out: Path) -> dict:
     return meta
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomic: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _append(f, rollouts: list[Rollout]) -> None:
     """One write then fsync per batch, so a kill can cut at most the last line short."""
     f.write("".join(json.dumps(asdict(r)) + "\n" for r in rollouts).encode("utf-8"))
@@ -293,7 +318,12 @@ def _first_difference(a: dict, b: dict) -> str | None:
     return next((k for k in keys if a.get(k) != b.get(k)), None)
 
 
-def _generation_config(settings: RolloutSettings, stop: list[int], pad_id: int):
+def pad_token_id(tokenizer, stop: list[int]) -> int:
+    """The tokenizer's pad id, else the first stop id (finished rows are padded with it), else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+
+
+def generation_config(settings: RolloutSettings, stop: list[int], pad_id: int):
     from transformers import GenerationConfig
 
     sampling = {}
@@ -308,7 +338,7 @@ def _generation_config(settings: RolloutSettings, stop: list[int], pad_id: int):
 
 
 @torch.inference_mode()
-def _generate(model, prompts: list[list[int]], config, pad_id: int, stop: set[int]) -> list[list[int]]:
+def generate_batch(model, prompts: list[list[int]], config, pad_id: int, stop: set[int]) -> list[list[int]]:
     """Responses to a batch of prompts; left padding makes every row's new tokens start at one column."""
     width = max(map(len, prompts))
     device = next(model.parameters()).device

@@ -7,17 +7,11 @@ appended and fsync'd before the next starts, so an interrupted run resumes like 
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from draftopd.data.engine import engine_record, target_without_weights
 from draftopd.data.prompts import Prompt
-from draftopd.data.rollouts import (FORMAT, RECORDS, RolloutSettings, _append, _start_or_resume, prompt_seeds,
-                                    prompt_token_ids)
+from draftopd.data.rollouts import RolloutSettings, RolloutWriter, prompt_seeds, prompt_token_ids, rollout_meta
 from draftopd.errors import DraftOPDError
 from draftopd.model.target import resolve_target
 
@@ -60,35 +54,23 @@ def vllm_rollouts(target: str, prompts: list[Prompt], out_dir, settings: Rollout
     tokenizer, identity, stop = target_without_weights(target)
     prompt_ids = prompt_token_ids(tokenizer, prompts, settings)
     seeds = prompt_seeds(prompts, settings)
-    meta = {"format": FORMAT, "target": identity, "dtype": f"vllm-{dtype}", "settings": asdict(settings),
-            "prompts": prompt_spec, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "token_ids": "exact", "engine": {"backend": "vllm-offline", "version": getattr(vllm, "__version__", "")}}
-    out = Path(out_dir)
-    done = _start_or_resume(out, meta)
-    todo = [p for p in prompts if p.id in prompt_ids and p.id not in done]
-    if not todo:
-        return out
-
-    # generation_config="vllm": the model's own defaults (e.g. a repetition penalty) stay out.
-    llm = vllm.LLM(model=resolve_target(target), dtype=VLLM_DTYPES[dtype], seed=settings.seed,
-                   tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                   generation_config="vllm")
+    meta = rollout_meta(identity, f"vllm-{dtype}", settings, prompt_spec,
+                        engine={"backend": "vllm-offline", "version": getattr(vllm, "__version__", "")})
     engine = f"vLLM {meta['engine']['version']}".strip()
-    tokens, t0 = 0, time.perf_counter()
-    with open(out / RECORDS, "ab") as f, tqdm(total=len(prompt_ids), initial=len(prompt_ids) - len(todo),
-                                              unit="prompt", desc="rollouts", disable=not progress) as bar:
+    with RolloutWriter(out_dir, meta, prompt_ids, progress=progress) as writer:
+        todo = [p for p in prompts if p.id in prompt_ids and p.id not in writer.done]
+        if not todo:
+            return writer.out
+        # generation_config="vllm": the model's own defaults (e.g. a repetition penalty) stay out.
+        llm = vllm.LLM(model=resolve_target(target), dtype=VLLM_DTYPES[dtype], seed=settings.seed,
+                       tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                       generation_config="vllm")
         for s in range(0, len(todo), chunk):
             part = todo[s:s + chunk]
             answers = llm.generate([{"prompt_token_ids": prompt_ids[p.id]} for p in part],
                                    sampling_params=[sampling_params(vllm, settings, stop, seeds[p.id]) for p in part],
                                    use_tqdm=False)
-            records = []
-            for p, answer in zip(part, answers, strict=True):
-                result = answer.outputs[0]
-                records.append(engine_record(p, prompt_ids[p.id], result.token_ids, result.finish_reason,
-                                             result.stop_reason, stop, identity.get("vocab_size"), engine=engine))
-            _append(f, records)
-            tokens += sum(len(r.response_ids) for r in records)
-            bar.update(len(records))
-            bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.1f} tok/s")
-    return out
+            writer.append([engine_record(p, prompt_ids[p.id], a.outputs[0].token_ids, a.outputs[0].finish_reason,
+                                         a.outputs[0].stop_reason, stop, identity.get("vocab_size"), engine=engine)
+                           for p, a in zip(part, answers, strict=True)])
+    return writer.out

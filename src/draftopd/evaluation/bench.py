@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from draftopd.data.prompts import Prompt, apply_chat_template, load_prompts
+from draftopd.data.rollouts import RolloutSettings, generation_config, pad_token_id
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
 from draftopd.evaluation.metrics import mean_tau, speedup, summarize_runs
@@ -157,8 +158,7 @@ class Runner:
         self.target, self.drafters, self.block_sizes = target, drafters, block_sizes
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
         self.stops = stop_token_ids(target.tokenizer, target.model)
-        pad = target.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.stops[0] if self.stops else 0)
+        self.pad_id = pad_token_id(target.tokenizer, self.stops)
 
     def loop(self, draft, ids: torch.Tensor, block_size: int, seed: int, max_new_tokens: int | None = None) -> dict:
         """spec_generate; block_size 1 (and no drafter) is the target alone."""
@@ -174,14 +174,8 @@ class Runner:
     @torch.inference_mode()
     def hf_generate(self, ids: torch.Tensor, seed: int, max_new_tokens: int | None = None) -> dict:
         """HF generate, timed like the loop: first token = prefill, the rest per output token."""
-        from transformers import GenerationConfig
-
-        sampling = {}
-        if self.temperature > 0:  # set every knob, or generate() takes the model's defaults (top_k=20...)
-            sampling = dict(temperature=self.temperature, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0)
-        config = GenerationConfig(max_new_tokens=max_new_tokens or self.max_new_tokens,
-                                  do_sample=self.temperature > 0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                                  eos_token_id=self.stops or None, pad_token_id=self.pad_id, **sampling)
+        settings = RolloutSettings(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature)
+        config = generation_config(settings, self.stops, self.pad_id)
         torch.manual_seed(seed)
         clock = _Clock()
         out = self.target.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),

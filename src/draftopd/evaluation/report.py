@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from draftopd.io import write_json_atomic
 
 PLOTS = ("acceptance_histogram.png", "offset_acceptance.png", "tau_speedup.png")
 
@@ -12,9 +13,7 @@ def write_report(out_dir, results: dict) -> list[Path]:
     """Write results.json, results.md and the plots into `out_dir`; returns their paths."""
     out = Path(out_dir)
     paths = [out / "results.json", out / "results.md", *(out / p for p in PLOTS)]
-    tmp = paths[0].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(paths[0])
+    write_json_atomic(paths[0], results)
     paths[1].write_text(markdown(results))
     plot_acceptance_histogram(results, paths[2])
     plot_offset_acceptance(results, paths[3])

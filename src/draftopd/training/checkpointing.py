@@ -82,11 +82,3 @@ def load_trainer_state(path: Path, model, optimizer) -> dict:
         raise DraftOPDError(f"{path / 'state'}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads((path / "trainer.json").read_text())
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-

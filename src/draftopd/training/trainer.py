@@ -15,13 +15,12 @@ from tqdm.auto import tqdm
 
 from draftopd.data.rollouts import load_rollouts
 from draftopd.errors import DraftOPDError
-from draftopd.io import check_output_dir, holds
+from draftopd.io import check_output_dir, holds, write_json_atomic
 from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_drafter
 from draftopd.model.precision import hardware_record
 from draftopd.model.target import load_target, target_identity
 from draftopd.training import parallel
-from draftopd.training.checkpointing import (export_drafter, latest_checkpoint, load_trainer_state, save_checkpoint,
-                                             write_json_atomic)
+from draftopd.training.checkpointing import export_drafter, latest_checkpoint, load_trainer_state, save_checkpoint
 from draftopd.training.config import TrainConfig
 from draftopd.training.data import BatchPlan, build_sequences, split_heldout
 from draftopd.training.losses import implied_tau
