@@ -101,7 +101,7 @@ from draftopd.training.onpolicy import offline_walks  # noqa: E402
 from draftopd.model.drafter import context_features  # noqa: E402
 from draftopd.training.anchors import accepted_prefix, onpolicy_walk  # noqa: E402
 from draftopd.training.blocks import block_inputs, replay  # noqa: E402
-from draftopd.training.data import Sequence, collate  # noqa: E402
+from draftopd.training.batches import Sequence, collate  # noqa: E402
 from draftopd.training.opd import OPDStep, verify_states  # noqa: E402
 from draftopd.training.sft import sft_loss  # noqa: E402
 from draftopd.training.target_pass import base_model, target_states  # noqa: E402

@@ -69,7 +69,7 @@ def main() -> None:
     from draftopd.model.checkpoint import init_drafter, load_drafter
     from draftopd.model.target import load_target
     from draftopd.training.config import load_config
-    from draftopd.training.data import Sequence, collate
+    from draftopd.training.batches import Sequence, collate
     from draftopd.training.opd import OPDStep
     from draftopd.training.sft import sft_loss
     from draftopd.training.target_pass import target_states

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from draftopd.model.checkpoint import load_drafter
-from draftopd.training.metrics import read_metrics
+from draftopd.training.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ from draftopd.training.onpolicy import offline_walks
 from draftopd.model.checkpoint import init_drafter, load_drafter, save_drafter
 from draftopd.model.target import stop_token_ids
 from draftopd.training.config import load_config
-from draftopd.training.data import Sequence
-from draftopd.training.metrics import read_metrics
+from draftopd.training.batches import Sequence
+from draftopd.training.metrics_log import read_metrics
 from draftopd.training.trainer import train
 
 pytestmark = pytest.mark.slow

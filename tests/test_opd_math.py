@@ -215,7 +215,7 @@ PAST_END = ([0, 2, 3, 1, 0, 2, 0], [1, 0, 3, 1])  # the last blocks draft past t
 
 def _opd_case(designs=([0, 2, 3, 1, 0, 2], [1, 0, 3, 2])):
     """Tiny target and drafter, two texts with designed acceptance lengths, and the batch."""
-    from draftopd.training.data import Sequence, collate
+    from draftopd.training.batches import Sequence, collate
 
     target = tiny_target("llama")
     target.model.norm.weight.data *= 20  # peaked teacher distributions: a wrong teacher row shows in the loss

@@ -176,7 +176,7 @@ def smol(smollm):
     prompt = torch.tensor([apply_chat_template(tok, load_prompts("gsm8k[1300:1301]")[0].messages)])
     n = prompt.shape[1]
     text = smollm.model.generate(prompt, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
-    draft = init_drafter(smollm, num_layers=1, block_size=4, seed=0).float()
+    draft = init_drafter(smollm, num_layers=1, block_size=8, seed=0).float()
     return prompt, overfit(draft, smollm.model, text, n, steps=24, lr=3e-3)
 
 
@@ -188,3 +188,4 @@ def test_smollm2_decodes_like_the_reference(smollm, smol, tmp_path):
     stops = stop_token_ids(smollm.tokenizer, smollm.model)
     mine, ref = decode_both(draft, theirs.eval(), smollm.model, prompt, 40, stops)
     assert_same_decoding(mine, ref, draft.block_size, 40)
+    print("SMOL", mine.acceptance_lengths)

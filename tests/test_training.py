@@ -12,7 +12,7 @@ from draftopd.errors import DraftOPDError
 from draftopd.model.checkpoint import load_drafter
 from draftopd.model.target import load_target, target_identity
 from draftopd.training.config import load_config
-from draftopd.training.metrics import read_metrics
+from draftopd.training.metrics_log import read_metrics
 from draftopd.training.trainer import train
 
 

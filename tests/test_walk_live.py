@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_drafter, tiny_target
 from draftopd.decoding.speculative import spec_generate
 from draftopd.training.onpolicy import offline_walks
-from draftopd.training.data import Sequence
+from draftopd.training.batches import Sequence
 
 
 def _pair():

@@ -340,7 +340,7 @@ class OPDStep:
 
     def _refresh_live(self, batch):
         """Replace each sequence's text by a speculative decode with the current drafter."""
-        from draftopd.training.data import Sequence, collate
+        from draftopd.training.batches import Sequence, collate
 
         refresh = self.updates // self.o.refresh_every
         was_training = self.draft.training

@@ -20,11 +20,11 @@ from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_dr
 from draftopd.model.precision import hardware_record
 from draftopd.model.target import load_target, target_identity
 from draftopd.training import parallel
+from draftopd.training.batches import BatchPlan, build_sequences, split_heldout
 from draftopd.training.checkpointing import export_drafter, latest_checkpoint, load_trainer_state, save_checkpoint
 from draftopd.training.config import TrainConfig
-from draftopd.training.data import BatchPlan, build_sequences, split_heldout
 from draftopd.training.losses import implied_tau
-from draftopd.training.metrics import MetricsLog
+from draftopd.training.metrics_log import MetricsLog
 from draftopd.training.onpolicy import offline_tau
 
 
