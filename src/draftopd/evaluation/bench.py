@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from draftopd.io import check_output_dir, holds
 from draftopd.model.checkpoint import drafter_target_name
 from draftopd.model.precision import dtype_name, hardware_record
 from draftopd.model.target import stop_token_ids, target_identity
+from draftopd.seeds import derive_seed
 from draftopd.training.onpolicy import offline_tau, offline_walks
 
 SAMPLES, SETTINGS = "samples.jsonl", "settings.json"
@@ -199,7 +199,7 @@ class Runner:
         """Every method not yet in `log` on one prompt; greedy drafter runs are also checked
         against the target-alone output and walked offline over it."""
         ids = torch.tensor([prompt_ids], device=self.target.device)
-        seed = self.seed + zlib.crc32(f"{bench}/{sample_id}".encode())
+        seed = derive_seed(self.seed, "sample", bench, sample_id)
         head = {"bench": bench, "id": sample_id}
         if log.get(bench, sample_id, LOOP) is None:
             log.add({**head, "method": LOOP, "drafter": None, "block_size": 1, "prompt_ids": prompt_ids,

@@ -10,6 +10,7 @@ import torch
 
 from draftopd.data.rollouts import Rollout
 from draftopd.errors import DraftOPDError
+from draftopd.seeds import stream
 
 
 @dataclass
@@ -48,7 +49,7 @@ def split_heldout(seqs: list[Sequence], fraction: float, seed: int) -> tuple[lis
     """A fixed held-out share for offline tau; the rest trains."""
     if fraction <= 0:
         return seqs, []
-    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    order = torch.randperm(len(seqs), generator=stream(seed, "heldout")).tolist()
     k = max(1, int(len(seqs) * fraction))
     held = sorted(order[:k])
     held_set = set(held)
@@ -76,7 +77,7 @@ class BatchPlan:
 
     def order(self, epoch: int) -> list[int]:
         if epoch not in self._order:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = stream(self.seed, "epoch", epoch)
             self._order = {epoch: torch.randperm(len(self.seqs), generator=g).tolist()}
         return self._order[epoch]
 

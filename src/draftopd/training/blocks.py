@@ -10,6 +10,8 @@ Shapes: b sequences, n positions, m anchors per sequence, B block size, F featur
 
 import torch
 
+NO_LABEL = -100  # a block position with no label (past the text, or not trained on): cross-entropy skips it
+
 
 def block_positions(anchors: torch.Tensor, block_size: int) -> torch.Tensor:
     """[b, m] anchors -> [b, m, B] absolute positions a_j + k."""
@@ -40,7 +42,7 @@ def block_inputs(input_ids: torch.Tensor, anchors: torch.Tensor, block_size: int
 
 
 def block_labels(input_ids: torch.Tensor, anchors: torch.Tensor, block_size: int, lengths: torch.Tensor,
-                 ignore: int = -100) -> torch.Tensor:
+                 ignore: int = NO_LABEL) -> torch.Tensor:
     """Same-position labels: offset k of block j is the committed token at a_j + k ([b, m, B]).
 
     Offset 0 (the anchor itself) and positions past a sequence's length get `ignore`.

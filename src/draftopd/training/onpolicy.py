@@ -20,6 +20,8 @@ from draftopd.training.anchors import onpolicy_walk
 from draftopd.training.blocks import block_labels, replay
 from draftopd.training.target_pass import target_states
 
+ANCHOR_ROWS = 256  # candidate anchors replayed at once: [256, B, H] hidden states plus their mask
+
 
 @dataclass
 class Walk:
@@ -50,7 +52,7 @@ def progressive_accept(hidden: torch.Tensor, head_weight: torch.Tensor, labels: 
 
 @torch.no_grad()
 def candidate_acceptance(draft, target, features: torch.Tensor, ids: torch.Tensor, prompt_len: int,
-                         length: int, chunk: int = 256) -> torch.Tensor:
+                         length: int, chunk: int = ANCHOR_ROWS) -> torch.Tensor:
     """r at every candidate anchor a in [P, L-2] of one sequence (features [1, n, F], ids [1, n])."""
     embed, head = target.get_input_embeddings(), target.get_output_embeddings().weight
     B = draft.block_size

@@ -23,11 +23,12 @@ from transformers import DynamicCache
 
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
+from draftopd.seeds import stream
 from draftopd.model.drafter import context_features
 from draftopd.training import parallel
 from draftopd.training.anchors import onpolicy_walk, random_anchors, shuffled_segments
 from draftopd.training.blocks import replay
-from draftopd.training.losses import kl_rows, offset_weights, sampled_terms
+from draftopd.training.losses import LOGIT_ROWS, kl_rows, offset_weights, sampled_terms
 from draftopd.training.onpolicy import candidate_acceptance
 from draftopd.training.target_pass import base_model, cache_kwarg
 
@@ -180,7 +181,7 @@ class OPDStep:
             res = spec_generate(self.draft, self.target, prompt, self.o.live_max_new_tokens,
                                 temperature=self.o.live_temperature,
                                 stop_token_ids=self.stop_ids,
-                                generator=torch.Generator().manual_seed(idx * 7 + refresh))
+                                generator=stream(self.cfg.seed, "live decode", idx, refresh))
             lens = res.acceptance_lengths
             anchors = (prompt_len + torch.tensor([0] + lens[:-1]).cumsum(0)).tolist()
             rec = (res.output_ids[0].cpu(), prompt_len, anchors, [x - 1 for x in lens], refresh)
@@ -287,8 +288,8 @@ class OPDStep:
         with torch.no_grad():
             drafts = text_tok.clone()
             rows = rejected.nonzero(as_tuple=True)
-            for s in range(0, rows[0].numel(), 2048):
-                sel = tuple(t[s : s + 2048] for t in rows)
+            for s in range(0, rows[0].numel(), LOGIT_ROWS):
+                sel = tuple(t[s : s + LOGIT_ROWS] for t in rows)
                 drafts[sel] = (hidden[sel].detach().to(head.dtype) @ head.T).argmax(-1)
 
         # teacher states per (anchor, offset): from the text for k <= r+1, from verify beyond

@@ -3,12 +3,12 @@
 import torch
 
 from draftopd.training.anchors import accepted_prefix, random_anchors
-from draftopd.training.blocks import block_labels, replay
-from draftopd.training.losses import offset_weights, weighted_ce
+from draftopd.training.blocks import NO_LABEL, block_labels, replay
+from draftopd.training.losses import LOGIT_ROWS, offset_weights, weighted_ce
 
 
 def sft_loss(draft, target, batch, features: torch.Tensor, *, num_anchors: int, gamma: float,
-             generator: torch.Generator, chunk: int = 2048) -> tuple[torch.Tensor, dict]:
+             generator: torch.Generator, chunk: int = LOGIT_ROWS) -> tuple[torch.Tensor, dict]:
     """Loss and per-offset statistics for one micro-batch."""
     device = features.device
     B = draft.block_size
@@ -16,7 +16,7 @@ def sft_loss(draft, target, batch, features: torch.Tensor, *, num_anchors: int, 
     anchors, valid = anchors.to(device), valid.to(device)
     ids = batch.input_ids.to(device)
     labels = block_labels(ids, anchors, B, batch.lengths.to(device))[..., 1:]  # [b, m, B-1]
-    labels = labels.masked_fill(~valid[..., None], -100)
+    labels = labels.masked_fill(~valid[..., None], NO_LABEL)
     hidden = replay(draft, target.get_input_embeddings(), features, ids, anchors)[:, :, 1:]  # [b, m, B-1, H]
     w = offset_weights(B, gamma).to(device).expand_as(labels)
     head = target.get_output_embeddings().weight

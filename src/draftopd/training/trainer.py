@@ -19,6 +19,7 @@ from draftopd.io import check_output_dir, holds, write_json_atomic
 from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_drafter
 from draftopd.model.precision import hardware_record
 from draftopd.model.target import load_target, target_identity
+from draftopd.seeds import stream
 from draftopd.training import parallel
 from draftopd.training.batches import BatchPlan, build_sequences, split_heldout
 from draftopd.training.checkpointing import export_drafter, latest_checkpoint, load_trainer_state, save_checkpoint
@@ -66,10 +67,6 @@ class Schedule:
         for g, base in zip(self.opt.param_groups, self.base):
             g["lr"] = base * f
         return self.opt.param_groups[0]["lr"]
-
-
-def micro_seed(seed: int, i: int) -> int:
-    return (seed * 1_000_003 + i * 7_919) % (2**62)
 
 
 class Accumulator:
@@ -196,7 +193,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             for micro in range(cfg.grad_accum):
                 i = step * cfg.grad_accum + micro
                 batch = plan.micro_batch(i)
-                gen = torch.Generator().manual_seed(micro_seed(cfg.seed, i * ctx.world + ctx.rank))
+                gen = stream(cfg.seed, "micro-batch", i * ctx.world + ctx.rank)
                 with autocast, parallel.no_sync(model, ctx, last=micro == cfg.grad_accum - 1):
                     loss, stats = step_fn(batch, gen)
                     (loss / cfg.grad_accum).backward()
