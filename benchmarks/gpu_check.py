@@ -511,7 +511,7 @@ def train_sft(run: Run) -> dict:
     t, stats = timed(run.dev, update, run.plan.train_reps)
     L = batch.num_tokens
     return {"seconds_per_sequence": t, "tokens_per_s": L / t, "target_pass_s": t_target,
-            "drafter_fwd_bwd_s": t - t_target, "anchors": stats["blocks"], "sequence_tokens": L,
+            "drafter_fwd_bwd_s": t - t_target, "anchors": stats.blocks, "sequence_tokens": L,
             "gradient_checkpointing": run.draft.gradient_checkpointing, "peak_mem_gb": peak_gb(run.dev)}
 
 
@@ -530,7 +530,7 @@ def train_opd(run: Run, *, offset_sampling: bool, forced: bool) -> dict:
             loss, stats = step(batch, torch.Generator().manual_seed(0))
             loss.backward()
         draft.zero_grad(set_to_none=True)
-        return {**stats, "loss": float(loss.detach())}
+        return {"scalars": stats.scalars, "blocks": stats.blocks, "loss": float(loss.detach())}
 
     reset_peak(run.dev)
     with forced_drafts(draft, target.get_output_embeddings().weight, proposals) if forced else contextlib.nullcontext():

@@ -130,7 +130,7 @@ def main() -> None:
           f"  of cached (goal >= 2x)")
     print(f"\nSFT throughput: {L / (t_sft + t_target):.0f} sequence tokens/s incl. target pass, "
           f"{anchors / t_sft:.0f} anchors/s; with cached features {L / t_sft:.0f} tokens/s")
-    print(f"OPD walk: tau {stats['scalars']['tau_walk']:.2f}, {stats['blocks']} anchors trained")
+    print(f"OPD walk: tau {stats.scalars['tau_walk']:.2f}, {stats.blocks} anchors trained")
     print(f"peak resident memory: {peak_mb:.0f} MB")
 
 

@@ -284,8 +284,8 @@ def test_opd_step_equals_a_loop_over_anchors_and_offsets():
     target, draft, seqs, walks, batch = _opd_case()
     loss, stats = _opd_step(draft, target)(batch, torch.Generator().manual_seed(0))
     ref, n_rej = _exact_reference(_reference_terms(draft, target, seqs, walks))
-    assert stats["scalars"]["accepted_tokens"] == sum(r for walk in walks for _, r in walk)
-    assert stats["scalars"]["rejected_tokens"] == n_rej
+    assert stats.scalars["accepted_tokens"] == sum(r for walk in walks for _, r in walk)
+    assert stats.scalars["rejected_tokens"] == n_rej
     assert torch.allclose(loss.detach(), ref, rtol=1e-4), (float(loss), float(ref))
 
 
@@ -324,7 +324,7 @@ def test_sampled_step_equals_the_public_code_loss_by_a_loop():
     loss, stats = _opd_step(draft, target, loss="sampled")(batch, torch.Generator().manual_seed(0))
     ref = _sampled_reference(terms)
     assert torch.allclose(loss.detach(), ref, rtol=1e-4), (float(loss), float(ref))
-    assert stats["scalars"]["rejected_tokens"] == sum(1 for k, r, *_ in terms if k > r)
+    assert stats.scalars["rejected_tokens"] == sum(1 for k, r, *_ in terms if k > r)
     off, _ = _opd_step(draft, target, loss="sampled", correction_forward=False)(batch, torch.Generator())
     assert torch.allclose(off.detach(), _sampled_reference(terms, correction_forward=False), rtol=1e-4)
     assert abs(ref - off.detach()) > 1e-3 * ref
@@ -343,7 +343,7 @@ def test_rejected_offsets_past_the_end_of_the_text_are_not_scored():
     short = int(batch.lengths.argmin())
     for loss in ("exact", "sampled"):
         value, stats = _opd_step(draft, target, loss=loss)(batch, torch.Generator().manual_seed(0))
-        assert stats["scalars"]["rejected_tokens"] == inside
+        assert stats.scalars["rejected_tokens"] == inside
         batch.input_ids[short, batch.lengths[short]:] = 151  # other padding: the same loss
         again, _ = _opd_step(draft, target, loss=loss)(batch, torch.Generator().manual_seed(0))
         batch.input_ids[short, batch.lengths[short]:] = 0
@@ -415,12 +415,12 @@ def test_random_anchor_ablation_moves_only_the_forward_stream():
             assert len(covered) == len(set(covered)) and P < min(covered) and max(covered) < L
         on, s_on = _opd_step(draft, target, loss=loss)(batch, torch.Generator().manual_seed(0))
         rnd, s_rnd = step(batch, torch.Generator().manual_seed(0))
-        assert s_rnd["scalars"]["loss_rej"] == pytest.approx(s_on["scalars"]["loss_rej"], rel=1e-5)
-        assert s_rnd["scalars"]["rejected_tokens"] == s_on["scalars"]["rejected_tokens"]
-        assert s_rnd["scalars"]["tau_walk"] == s_on["scalars"]["tau_walk"]
-        assert abs(s_rnd["scalars"]["loss_acc"] / s_on["scalars"]["loss_acc"] - 1) > 1e-3
+        assert s_rnd.scalars["loss_rej"] == pytest.approx(s_on.scalars["loss_rej"], rel=1e-5)
+        assert s_rnd.scalars["rejected_tokens"] == s_on.scalars["rejected_tokens"]
+        assert s_rnd.scalars["tau_walk"] == s_on.scalars["tau_walk"]
+        assert abs(s_rnd.scalars["loss_acc"] / s_on.scalars["loss_acc"] - 1) > 1e-3
     _, s_all = _opd_step(draft, target, ablation="random_anchors_all")(batch, torch.Generator().manual_seed(0))
-    assert abs(s_all["scalars"]["loss_rej"] / s_on["scalars"]["loss_rej"] - 1) > 1e-3
+    assert abs(s_all.scalars["loss_rej"] / s_on.scalars["loss_rej"] - 1) > 1e-3
 
 
 def test_cached_mode_warns_about_rollouts_sampled_at_temperature():

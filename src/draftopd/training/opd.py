@@ -17,19 +17,22 @@ One micro-batch:
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
-from draftopd.seeds import stream
 from draftopd.model.drafter import context_features
+from draftopd.seeds import stream
 from draftopd.training import parallel
 from draftopd.training.anchors import onpolicy_walk, random_anchors, shuffled_segments
+from draftopd.training.batches import Batch, Sequence, collate
 from draftopd.training.blocks import replay
 from draftopd.training.losses import LOGIT_ROWS, kl_rows, offset_weights, sampled_terms
 from draftopd.training.onpolicy import candidate_acceptance
+from draftopd.training.step import StepStats
 from draftopd.training.target_pass import base_model, cache_kwarg
 
 
@@ -148,8 +151,52 @@ def rollout_temperature(meta: dict | None) -> float:
     return float(((meta or {}).get("settings") or {}).get("temperature") or 0.0)
 
 
+@dataclass
+class LiveRecord:
+    """A live speculative decode of one prompt by the drafter of refresh round `refresh`."""
+
+    ids: torch.Tensor  # [n] prompt + response
+    prompt_len: int
+    anchors: list[int]  # where each verify step drafted
+    accepted: list[int]  # r per step (accepted drafts)
+    refresh: int
+
+
+@dataclass
+class TextPass:
+    """The target's no-grad pass over the committed text of a micro-batch."""
+
+    ids: torch.Tensor  # [b, n]
+    lengths: torch.Tensor  # [b]
+    cache: DynamicCache  # its KV cache: the verify pass appends the drafted blocks to it
+    features: torch.Tensor  # [b, n, F] context features, in the drafter's dtype
+    hidden: torch.Tensor  # [b, n, H] final hidden: the teacher's state after each text token
+
+
+@dataclass
+class Blocks:
+    """The blocks replayed this micro-batch, padded to m per sequence."""
+
+    anchors: torch.Tensor  # [b, m]
+    accepted: torch.Tensor  # [b, m] r: drafts verification accepts at that anchor
+    streams: torch.Tensor  # [b, m] FWD | REJ bits; 0 = padding
+    plans: list[tuple[list[int], list[int], list[int]]]  # per sequence: anchors, r, streams (unpadded)
+
+
+@dataclass
+class Rows:
+    """Which (block, offset) rows each loss stream scores, [b, m, B-1] each, and their weights."""
+
+    accepted: torch.Tensor  # committed drafts: forward stream
+    rejected: torch.Tensor  # drafts after the first rejection, inside the text: reverse stream
+    correction: torch.Tensor  # the target's own token after a rejection, when it gets a forward term
+    w_rej: torch.Tensor  # reverse-stream weight per row: gamma^(k-1), or its offset-sampled version
+    rej_norm: torch.Tensor | None  # the reverse stream's weight sum when rows are a weighted sample
+    n_rejected: int  # all rejected drafts (the sample may score fewer)
+
+
 class OPDStep:
-    """Callable (batch, generator) -> (loss, stats) for the trainer.
+    """Callable (batch, generator) -> (loss, stats) for the trainer: the stages of the module docstring.
 
     `rollout_meta` (the rollout set's meta.json) lets it warn when cached mode is handed
     sampled rollouts: the walk assumes greedy verification, so the anchors it finds on a
@@ -159,7 +206,7 @@ class OPDStep:
     def __init__(self, cfg, draft, target, ctx: parallel.Context = parallel.Context(),
                  rollout_meta: dict | None = None):
         self.cfg, self.o, self.draft, self.target, self.ctx = cfg, cfg.opd, draft, target, ctx
-        self.live: dict[int, tuple] = {}  # live mode: sequence index -> (ids, prompt_len, anchors, r, refresh id)
+        self.live: dict[int, LiveRecord] = {}  # live mode: sequence index -> its latest decode
         self.updates = 0
         eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
         self.stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -173,20 +220,60 @@ class OPDStep:
                           "walk's anchors are not on-policy for sampled text; use temperature-0 rollouts or "
                           "rollout_mode=live", stacklevel=2)
 
-    # -- anchors ---------------------------------------------------------------------------
-    def _live_sequence(self, idx: int, ids: torch.Tensor, prompt_len: int, refresh: int):
-        rec = self.live.get(idx)
-        if rec is None or rec[4] != refresh:
-            prompt = ids[:prompt_len][None]
-            res = spec_generate(self.draft, self.target, prompt, self.o.live_max_new_tokens,
-                                temperature=self.o.live_temperature,
-                                stop_token_ids=self.stop_ids,
-                                generator=stream(self.cfg.seed, "live decode", idx, refresh))
-            lens = res.acceptance_lengths
-            anchors = (prompt_len + torch.tensor([0] + lens[:-1]).cumsum(0)).tolist()
-            rec = (res.output_ids[0].cpu(), prompt_len, anchors, [x - 1 for x in lens], refresh)
-            self.live[idx] = rec
-        return rec
+    def __call__(self, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, StepStats]:
+        if self.o.rollout_mode == "live":
+            with parallel.gathered(self.draft, self.ctx):
+                batch = self._refresh_live(batch)
+        text = self._text_pass(batch)
+        blocks = self._blocks(batch, text, gen)
+        hidden = replay(self.draft, self.target.get_input_embeddings(), text.features, text.ids,
+                        blocks.anchors)[:, :, 1:]  # [b, m, B-1, H]
+        rows = self._rows(blocks, text.lengths, gen)
+        text_tok, drafts = self._tokens(text.ids, blocks.anchors, hidden, rows.rejected)
+        teacher = self._teacher(text, blocks, drafts, rows.rejected)
+        loss, scalars = self._loss(hidden, teacher, rows, text_tok, drafts)
+        self.updates += 1
+        return loss, self._stats(batch, blocks, rows, scalars)
+
+    # -- 1. the target over the committed text -------------------------------------------------
+    def _text_pass(self, batch: Batch) -> TextPass:
+        model = base_model(self.target)
+        device = next(model.parameters()).device
+        ids, lengths = batch.input_ids.to(device), batch.lengths.to(device)
+        cache = DynamicCache(config=self.target.config)
+        attn = (torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]).long()
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True,
+                        **{cache_kwarg(model): cache}, use_cache=True)
+        feats = context_features(out.hidden_states, self.draft.target_layer_ids)
+        return TextPass(ids, lengths, cache, feats.to(next(self.draft.parameters()).dtype), out.last_hidden_state)
+
+    # -- 2. anchors --------------------------------------------------------------------------
+    def _blocks(self, batch: Batch, text: TextPass, gen: torch.Generator) -> Blocks:
+        if self.o.rollout_mode == "live" and self.o.ablation != "random_anchors_all":
+            walks = [(self.live[idx].anchors, self.live[idx].accepted) for idx in batch.indices]
+        else:
+            was_training = self.draft.training
+            self.draft.eval()
+            with parallel.gathered(self.draft, self.ctx):
+                walks = self._walks(batch, text.features, text.ids, gen)
+            self.draft.train(was_training)
+        plans = [self._plan(a, r, int(batch.prompt_lens[i]), int(batch.lengths[i]), gen)
+                 for i, (a, r) in enumerate(walks)]
+        b, device = text.ids.shape[0], text.ids.device
+        m = max(1, max(len(p[0]) for p in plans))
+        anchors = torch.zeros(b, m, dtype=torch.long, device=device)
+        accepted = torch.zeros(b, m, dtype=torch.long, device=device)
+        streams = torch.zeros(b, m, dtype=torch.long, device=device)
+        for i, (a, r, st) in enumerate(plans):
+            if a:
+                anchors[i, : len(a)] = torch.tensor(a)
+                anchors[i, len(a):] = a[0]  # padding replays a real anchor, scored nowhere
+                accepted[i, : len(a)] = torch.tensor(r)
+                streams[i, : len(a)] = torch.tensor(st)
+            else:
+                anchors[i] = batch.prompt_lens[i]
+        return Blocks(anchors, accepted, streams, plans)
 
     def _walks(self, batch, feats, ids, gen) -> list[tuple[list[int], list[int]]]:
         """Per sequence: anchors and accepted drafts r, by the on-policy walk over the text
@@ -221,59 +308,18 @@ class OPDStep:
         ra, rr = cap_anchors(anchors, accepted, o.max_anchors, gen)
         return fa + ra, fr + rr, [FWD] * len(fa) + [REJ] * len(ra)
 
-    # -- one micro-batch ---------------------------------------------------------------------
-    def __call__(self, batch, gen):
-        draft, target, o = self.draft, self.target, self.o
-        device = next(target.parameters()).device
-        B = draft.block_size
-        if o.rollout_mode == "live":
-            with parallel.gathered(draft, self.ctx):
-                batch = self._refresh_live(batch)
-        ids, lengths = batch.input_ids.to(device), batch.lengths.to(device)
-        b, n = ids.shape
-        cache = DynamicCache(config=target.config)
-        attn = (torch.arange(n, device=device)[None] < lengths[:, None]).long()
-        with torch.no_grad():
-            out = base_model(target)(input_ids=ids, attention_mask=attn, output_hidden_states=True,
-                                     **{cache_kwarg(base_model(target)): cache}, use_cache=True)
-        feats = context_features(out.hidden_states, draft.target_layer_ids).to(next(draft.parameters()).dtype)
-        text_h = out.last_hidden_state  # [b, n, H]
-
-        if o.rollout_mode == "live" and o.ablation != "random_anchors_all":
-            walks = [self.live[idx][2:4] for idx in batch.indices]
-        else:
-            was_training = draft.training
-            draft.eval()
-            with parallel.gathered(draft, self.ctx):
-                walks = self._walks(batch, feats, ids, gen)
-            draft.train(was_training)
-        plans = [self._plan(a, rr, int(batch.prompt_lens[i]), int(batch.lengths[i]), gen)
-                 for i, (a, rr) in enumerate(walks)]
-        m = max(1, max(len(p[0]) for p in plans))
-        anchors = torch.zeros(b, m, dtype=torch.long, device=device)
-        r = torch.zeros(b, m, dtype=torch.long, device=device)
-        streams = torch.zeros(b, m, dtype=torch.long, device=device)  # 0: padding
-        for i, (a, rr, st) in enumerate(plans):
-            if a:
-                anchors[i, : len(a)] = torch.tensor(a)
-                anchors[i, len(a):] = a[0]
-                r[i, : len(a)] = torch.tensor(rr)
-                streams[i, : len(a)] = torch.tensor(st)
-            else:
-                anchors[i] = batch.prompt_lens[i]
-        fwd_ok, rej_ok = ((streams & FWD) > 0)[..., None], ((streams & REJ) > 0)[..., None]  # [b, m, 1]
-
-        hidden = replay(draft, target.get_input_embeddings(), feats, ids, anchors)[:, :, 1:]  # [b, m, B-1, H]
-        head = target.get_output_embeddings().weight
-        k = torch.arange(1, B, device=device)  # offsets
-        in_text = anchors[..., None] + k < lengths[:, None, None]  # [b, m, B-1]: a text token sits at a+k
+    # -- 3. which offsets each stream scores, with what weight -------------------------------------
+    def _rows(self, blocks: Blocks, lengths: torch.Tensor, gen: torch.Generator) -> Rows:
+        o, B = self.o, self.draft.block_size
+        anchors, r = blocks.anchors, blocks.accepted
+        k = torch.arange(1, B, device=anchors.device)  # offsets
+        fwd_ok, rej_ok = ((blocks.streams & FWD) > 0)[..., None], ((blocks.streams & REJ) > 0)[..., None]
+        in_text = anchors[..., None] + k < lengths[:, None, None]  # a text token sits at a+k
         accepted = (k <= r[..., None]) & fwd_ok  # committed drafts (inside the text by construction)
         rejected = (k > r[..., None]) & rej_ok & in_text  # past the text's end (EOS / cut) nothing was verified
-        correction = (k == r[..., None] + 1) & fwd_ok & rej_ok & in_text  # the target's token after a rejection
-        if not self.correction_forward:
-            correction = torch.zeros_like(correction)
+        correction = (k == r[..., None] + 1) & fwd_ok & rej_ok & in_text & self.correction_forward
         n_rejected = int(rejected.sum())
-        w_rej = offset_weights(B, o.gamma, "none" if o.ablation == "no_decay" else "pow").to(device)
+        w_rej = offset_weights(B, o.gamma, "none" if o.ablation == "no_decay" else "pow").to(anchors.device)
         w_rej = w_rej.expand_as(accepted)
         rej_norm = None
         if o.offset_sampling:
@@ -281,75 +327,102 @@ class OPDStep:
             depth = sample_depth(r, o.gamma, gen)  # score rejected offsets r < k <= depth
             rejected = rejected & (k[None, None] <= depth[..., None])
             w_rej = (o.gamma ** r.float())[..., None].expand_as(accepted)  # gamma^(k-1) / P(keep k)
+        return Rows(accepted, rejected, correction, w_rej, rej_norm, n_rejected)
 
-        # drafts (argmax of q) where the text does not fix them: offsets after the first rejection
-        text_pos = (anchors[..., None] + k).clamp(max=n - 1)
-        text_tok = ids.gather(1, text_pos.view(b, -1)).view(b, m, B - 1)
+    # -- 4. tokens: the text's, and the drafter's own after a rejection -----------------------------
+    def _tokens(self, ids: torch.Tensor, anchors: torch.Tensor, hidden: torch.Tensor, rejected: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text token at a+k, draft at a+k) [b, m, B-1]: drafts are q's argmax where the text does not fix them."""
+        b, m = anchors.shape
+        k = torch.arange(1, self.draft.block_size, device=anchors.device)
+        text_pos = (anchors[..., None] + k).clamp(max=ids.shape[1] - 1)
+        text_tok = ids.gather(1, text_pos.view(b, -1)).view(b, m, -1)
+        head = self.target.get_output_embeddings().weight
         with torch.no_grad():
             drafts = text_tok.clone()
             rows = rejected.nonzero(as_tuple=True)
             for s in range(0, rows[0].numel(), LOGIT_ROWS):
                 sel = tuple(t[s : s + LOGIT_ROWS] for t in rows)
                 drafts[sel] = (hidden[sel].detach().to(head.dtype) @ head.T).argmax(-1)
+        return text_tok, drafts
 
-        # teacher states per (anchor, offset): from the text for k <= r+1, from verify beyond
-        from_text = (k[None, None] <= r[..., None] + 1)
-        teacher = text_h.gather(1, (anchors[..., None] + k - 1).clamp(max=n - 1).view(b, -1, 1)
-                                .expand(-1, -1, text_h.shape[-1])).view(b, m, B - 1, -1)
+    # -- 5. the teacher on the draft prefix ----------------------------------------------------
+    def _teacher(self, text: TextPass, blocks: Blocks, drafts: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        """Target states [b, m, B-1, H]: from the text pass for k <= r+1, from one verify pass beyond."""
+        anchors, r = blocks.anchors, blocks.accepted
+        (b, m), n, H = anchors.shape, text.ids.shape[1], text.hidden.shape[-1]
+        k = torch.arange(1, self.draft.block_size, device=anchors.device)
+        from_text = k[None, None] <= r[..., None] + 1
+        teacher = text.hidden.gather(1, (anchors[..., None] + k - 1).clamp(max=n - 1).view(b, -1, 1)
+                                     .expand(-1, -1, H)).view(b, m, -1, H)
         need = rejected & ~from_text  # offset k's state comes from block index k-1: same layout
-        if need.any():
-            blocks = torch.cat([ids.gather(1, anchors)[..., None], drafts[..., :-1]], dim=-1)  # [b, m, B-1]
-            ver = verify_states(target, cache, blocks, anchors, r, need, n)  # [b, m, B-1, H]
-            teacher = torch.where(from_text[..., None], teacher, ver.to(teacher.dtype))
+        if not need.any():
+            return teacher
+        block_tokens = torch.cat([text.ids.gather(1, anchors)[..., None], drafts[..., :-1]], dim=-1)  # [b, m, B-1]
+        verified = verify_states(self.target, text.cache, block_tokens, anchors, r, need, n)
+        return torch.where(from_text[..., None], teacher, verified.to(teacher.dtype))
 
-        rows = accepted | rejected  # correction rows are rejected rows too
-        flat = lambda t: t[rows]  # noqa: E731 -- [N, ...] over scored (anchor, offset) rows
-        if o.loss == "exact":
-            forward = accepted.clone()
-            if o.ablation == "all_forward":
-                forward[:] = True
-            elif o.ablation == "all_reverse":
-                forward[:] = False
-            h, t, fwd, acc, rej, w = (flat(x) for x in (hidden, teacher, forward, accepted, rejected, w_rej))
-            if correction.any():  # its forward KL joins the accepted stream; its reverse KL stays in the rejected one
-                c = int(correction.sum())
-                h, t = torch.cat([h, hidden[correction]]), torch.cat([t, teacher[correction]])
-                yes = torch.ones(c, dtype=torch.bool, device=device)
-                fwd, acc = torch.cat([fwd, yes]), torch.cat([acc, yes])
-                rej, w = torch.cat([rej, ~yes]), torch.cat([w, w.new_zeros(c)])
-            kl = kl_rows(h, t, head, fwd, o.teacher_temperature)
-            loss, stats_scalars = combine_kl(kl, acc, rej, w, o.lambda_acc, o.lambda_rej, rej_norm)
-        else:
-            loss, stats_scalars = sampled_terms(
-                flat(hidden), flat(teacher), head, targets_fwd=flat(text_tok), use_fwd=flat(accepted | correction),
-                targets_rev=flat(drafts), use_rev=flat(rejected), w_rev=flat(w_rej), lambda_fwd=o.lambda_acc,
+    # -- 6. the loss -------------------------------------------------------------------------
+    def _loss(self, hidden, teacher, rows: Rows, text_tok, drafts) -> tuple[torch.Tensor, dict]:
+        o, head = self.o, self.target.get_output_embeddings().weight
+        scored = rows.accepted | rows.rejected  # correction rows are rejected rows too
+        flat = lambda t: t[scored]  # noqa: E731 -- [N, ...] over scored (block, offset) rows
+        if o.loss == "sampled":
+            return sampled_terms(
+                flat(hidden), flat(teacher), head, targets_fwd=flat(text_tok), use_fwd=flat(rows.accepted | rows.correction),
+                targets_rev=flat(drafts), use_rev=flat(rows.rejected), w_rev=flat(rows.w_rej), lambda_fwd=o.lambda_acc,
                 lambda_rev=o.lambda_rej, temperature=o.teacher_temperature, floor=o.logprob_clamp)
+        forward = rows.accepted.clone()
+        if o.ablation == "all_forward":
+            forward[:] = True
+        elif o.ablation == "all_reverse":
+            forward[:] = False
+        h, t, fwd, acc, rej, w = (flat(x) for x in (hidden, teacher, forward, rows.accepted, rows.rejected, rows.w_rej))
+        if rows.correction.any():  # its forward KL joins the accepted stream; its reverse KL stays in the rejected one
+            c = int(rows.correction.sum())
+            h, t = torch.cat([h, hidden[rows.correction]]), torch.cat([t, teacher[rows.correction]])
+            yes = torch.ones(c, dtype=torch.bool, device=h.device)
+            fwd, acc = torch.cat([fwd, yes]), torch.cat([acc, yes])
+            rej, w = torch.cat([rej, ~yes]), torch.cat([w, w.new_zeros(c)])
+        kl = kl_rows(h, t, head, fwd, o.teacher_temperature)
+        return combine_kl(kl, acc, rej, w, o.lambda_acc, o.lambda_rej, rows.rej_norm)
 
-        # acceptance statistics from the on-policy blocks (their r is an acceptance; a random block's is not)
-        walk_lengths = [min(x + 1, int(batch.lengths[i]) - 1 - a) for i, (a_, r_, st) in enumerate(plans)
+    # -- 7. statistics ------------------------------------------------------------------------
+    def _stats(self, batch: Batch, blocks: Blocks, rows: Rows, scalars: dict) -> StepStats:
+        """Acceptance from the on-policy blocks (their r is an acceptance; a random block's is not)."""
+        k = torch.arange(1, self.draft.block_size, device=blocks.anchors.device)
+        walk_lengths = [min(x + 1, int(batch.lengths[i]) - 1 - a) for i, (a_, r_, st) in enumerate(blocks.plans)
                         for a, x, s in zip(a_, r_, st) if s & REJ]
-        reached = ((r[..., None] >= k) & rej_ok).sum(dim=(0, 1)).cpu()
-        stats = {
-            "scalars": {**stats_scalars,
-                        "tau_walk": sum(walk_lengths) / max(len(walk_lengths), 1),
-                        "accepted_tokens": float(accepted.sum()), "rejected_tokens": float(n_rejected)},
-            "vectors": {"accept_rate_per_offset": (reached, torch.full_like(reached, len(walk_lengths)))},
-            "blocks": int((streams > 0).sum()),
-        }
-        self.updates += 1
-        return loss, stats
+        rej_ok = ((blocks.streams & REJ) > 0)[..., None]
+        reached = ((blocks.accepted[..., None] >= k) & rej_ok).sum(dim=(0, 1)).cpu()
+        return StepStats(
+            scalars={**scalars, "tau_walk": sum(walk_lengths) / max(len(walk_lengths), 1),
+                     "accepted_tokens": float(rows.accepted.sum()), "rejected_tokens": float(rows.n_rejected)},
+            vectors={"accept_rate_per_offset": (reached, torch.full_like(reached, len(walk_lengths)))},
+            blocks=int((blocks.streams > 0).sum()))
 
-    def _refresh_live(self, batch):
+    # -- live mode -------------------------------------------------------------------------------
+    def _refresh_live(self, batch: Batch) -> Batch:
         """Replace each sequence's text by a speculative decode with the current drafter."""
-        from draftopd.training.batches import Sequence, collate
-
         refresh = self.updates // self.o.refresh_every
         was_training = self.draft.training
         self.draft.eval()
         seqs = []
         for i, idx in enumerate(batch.indices):
             L, P = int(batch.lengths[i]), int(batch.prompt_lens[i])
-            text, P, _, _, _ = self._live_sequence(idx, batch.input_ids[i, :L], P, refresh)
-            seqs.append(Sequence(idx, text, P))
+            rec = self._live_sequence(idx, batch.input_ids[i, :L], P, refresh)
+            seqs.append(Sequence(idx, rec.ids, rec.prompt_len))
         self.draft.train(was_training)
         return collate(seqs)
+
+    def _live_sequence(self, idx: int, ids: torch.Tensor, prompt_len: int, refresh: int) -> LiveRecord:
+        rec = self.live.get(idx)
+        if rec is None or rec.refresh != refresh:
+            res = spec_generate(self.draft, self.target, ids[:prompt_len][None], self.o.live_max_new_tokens,
+                                temperature=self.o.live_temperature, stop_token_ids=self.stop_ids,
+                                generator=stream(self.cfg.seed, "live decode", idx, refresh))
+            lens = res.acceptance_lengths
+            anchors = (prompt_len + torch.tensor([0] + lens[:-1]).cumsum(0)).tolist()
+            rec = LiveRecord(res.output_ids[0].cpu(), prompt_len, anchors, [x - 1 for x in lens], refresh)
+            self.live[idx] = rec
+        return rec

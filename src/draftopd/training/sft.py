@@ -3,12 +3,35 @@
 import torch
 
 from draftopd.training.anchors import accepted_prefix, random_anchors
+from draftopd.training.batches import Batch
 from draftopd.training.blocks import NO_LABEL, block_labels, replay
 from draftopd.training.losses import LOGIT_ROWS, offset_weights, weighted_ce
+from draftopd.training.step import StepStats
+from draftopd.training.target_pass import FeatureCache, target_states
+
+
+class SFTStep:
+    """Callable (batch, generator) -> (loss, stats): target features (cached per sequence when
+    `cache_features`, since rollouts are fixed), then `sft_loss`."""
+
+    def __init__(self, cfg, draft, target):
+        self.cfg, self.draft, self.target = cfg, draft, target
+        self.cache = FeatureCache() if cfg.sft.cache_features else None
+
+    def __call__(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, StepStats]:
+        dtype = next(self.draft.parameters()).dtype
+        if self.cache is not None:
+            feats = self.cache.features(self.target, batch, self.draft.target_layer_ids, dtype)
+        else:
+            dev = next(self.target.parameters()).device
+            feats = target_states(self.target, batch.input_ids.to(dev), batch.lengths.to(dev),
+                                  self.draft.target_layer_ids).features
+        return sft_loss(self.draft, self.target, batch, feats, num_anchors=self.cfg.sft.num_anchors,
+                        gamma=self.cfg.sft.gamma, generator=generator)
 
 
 def sft_loss(draft, target, batch, features: torch.Tensor, *, num_anchors: int, gamma: float,
-             generator: torch.Generator, chunk: int = LOGIT_ROWS) -> tuple[torch.Tensor, dict]:
+             generator: torch.Generator, chunk: int = LOGIT_ROWS) -> tuple[torch.Tensor, StepStats]:
     """Loss and per-offset statistics for one micro-batch."""
     device = features.device
     B = draft.block_size
@@ -25,13 +48,12 @@ def sft_loss(draft, target, batch, features: torch.Tensor, *, num_anchors: int, 
     return loss, offset_stats(preds, labels)
 
 
-def offset_stats(preds: torch.Tensor, labels: torch.Tensor) -> dict:
+def offset_stats(preds: torch.Tensor, labels: torch.Tensor) -> StepStats:
     """Counts to aggregate across steps: correct/total per offset and accepted prefixes."""
     has = labels >= 0
     correct = ((preds == labels) & has).sum(dim=(0, 1))
     total = has.sum(dim=(0, 1))
     blocks = has[..., 0]
     prefix = accepted_prefix(preds, labels)[blocks]
-    return {"vectors": {"acc_per_offset": (correct.cpu(), total.cpu())},
-            "scalars": {"tau_prefix": 1 + float(prefix.float().mean()) if prefix.numel() else 1.0},
-            "blocks": int(blocks.sum())}
+    return StepStats(scalars={"tau_prefix": 1 + float(prefix.float().mean()) if prefix.numel() else 1.0},
+                     vectors={"acc_per_offset": (correct.cpu(), total.cpu())}, blocks=int(blocks.sum()))

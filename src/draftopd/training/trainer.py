@@ -27,6 +27,9 @@ from draftopd.training.config import TrainConfig
 from draftopd.training.losses import implied_tau
 from draftopd.training.metrics_log import MetricsLog
 from draftopd.training.onpolicy import offline_tau
+from draftopd.training.opd import OPDStep
+from draftopd.training.sft import SFTStep
+from draftopd.training.step import Step, StepStats
 
 
 @dataclass
@@ -80,15 +83,15 @@ class Accumulator:
         self.tokens = self.anchors = 0
         self.t0 = time.time()
 
-    def add(self, loss: float, stats: dict, tokens: int):
+    def add(self, loss: float, stats: StepStats, tokens: int):
         self.n += 1
-        for k, v in {"loss": loss, **stats.get("scalars", {})}.items():
+        for k, v in {"loss": loss, **stats.scalars}.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
-        for k, (num, den) in stats.get("vectors", {}).items():
+        for k, (num, den) in stats.vectors.items():
             old = self.vectors.get(k)
             self.vectors[k] = (num, den) if old is None else (old[0] + num, old[1] + den)
         self.tokens += tokens
-        self.anchors += stats.get("blocks", 0)
+        self.anchors += stats.blocks
 
     def summary(self) -> dict:
         dt = max(time.time() - self.t0, 1e-9)
@@ -102,28 +105,10 @@ class Accumulator:
         return rec
 
 
-def build_step(cfg: TrainConfig, draft, target, ctx: parallel.Context, rollout_meta: dict | None = None):
-    """The per-micro-batch loss for the configured method: (batch, generator) -> (loss, stats)."""
+def build_step(cfg: TrainConfig, draft, target, ctx: parallel.Context, rollout_meta: dict | None = None) -> Step:
+    """The per-micro-batch step of the configured method."""
     if cfg.method == "sft":
-        from draftopd.training.sft import sft_loss
-        from draftopd.training.target_pass import FeatureCache, target_states
-
-        cache = FeatureCache() if cfg.sft.cache_features else None
-        dtype = next(draft.parameters()).dtype
-
-        def step(batch, gen):
-            if cache is not None:
-                feats = cache.features(target, batch, draft.target_layer_ids, dtype)
-            else:
-                dev = next(target.parameters()).device
-                feats = target_states(target, batch.input_ids.to(dev), batch.lengths.to(dev),
-                                      draft.target_layer_ids).features
-            return sft_loss(draft, target, batch, feats, num_anchors=cfg.sft.num_anchors, gamma=cfg.sft.gamma,
-                            generator=gen)
-
-        return step
-    from draftopd.training.opd import OPDStep
-
+        return SFTStep(cfg, draft, target)
     return OPDStep(cfg, draft, target, ctx, rollout_meta)
 
 
