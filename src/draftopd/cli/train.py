@@ -4,14 +4,13 @@ import argparse
 
 
 def cmd_train(args) -> None:
+    from draftopd.training import parallel
     from draftopd.training.config import load_config
     from draftopd.training.trainer import train
 
-    import os
-
     cfg = load_config(args.config, args.overrides)
     res = train(cfg, resume=args.resume)
-    if os.environ.get("RANK", "0") != "0":
+    if not parallel.init().is_main:  # the context train() set up; one summary line per job
         return
     held = f" | held-out offline tau {res.heldout['tau']:.3f}" if res.heldout else ""
     print(f"{cfg.method}: {res.steps} steps ({res.skipped_steps} skipped){held} | drafter: {res.final_drafter} "

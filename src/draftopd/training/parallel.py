@@ -70,11 +70,10 @@ def gathered(model, ctx: Context):
             m.set_reshard_after_forward(True)
 
 
-def no_sync(model, ctx: Context, last: bool):
-    """Reduce gradients only on the last accumulation micro-batch."""
+def sync_gradients(model, ctx: Context, enabled: bool) -> None:
+    """Whether the next backward reduces gradients across ranks: only on the last accumulation micro-batch."""
     if ctx.world > 1:
-        model.set_requires_gradient_sync(last)
-    return contextlib.nullcontext()
+        model.set_requires_gradient_sync(enabled)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -179,7 +179,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                 i = step * cfg.grad_accum + micro
                 batch = plan.micro_batch(i)
                 gen = stream(cfg.seed, "micro-batch", i * ctx.world + ctx.rank)
-                with autocast, parallel.no_sync(model, ctx, last=micro == cfg.grad_accum - 1):
+                parallel.sync_gradients(model, ctx, enabled=micro == cfg.grad_accum - 1)
+                with autocast:
                     loss, stats = step_fn(batch, gen)
                     (loss / cfg.grad_accum).backward()
                 loss_value = parallel.mean_over_ranks(float(loss.detach()), ctx)
