@@ -17,7 +17,8 @@ from draftopd.training.trainer import train
 
 
 def cfg_for(method, tiny_dir, rollouts, out, **extra):
-    base = {"method": method, "target": str(tiny_dir), "target_dtype": "fp32", "out_dir": str(out), "max_steps": 6, "batch_size": 2,
+    base = {"method": method, "target": str(tiny_dir), "target_dtype": "fp32", "final_dtype": "fp32",
+            "out_dir": str(out), "max_steps": 6, "batch_size": 2,
             "draft": {"num_layers": 1, "block_size": 4}, "data": {"rollouts": str(rollouts), "max_length": 64},
             "sft": {"num_anchors": 8, "gamma": 4.0}, "log": {"every": 1, "save_every": 3, "progress": False},
             "optim": {"lr": 3e-3, "warmup_ratio": 0.0}}
@@ -148,3 +149,12 @@ def test_bad_inputs(tiny_dir, tiny_rollouts, tmp_path):
     with pytest.raises(DraftOPDError, match="already has checkpoints"):
         train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "b4", max_steps=1))
     assert os.path.exists(tmp_path / "b4" / "final" / "model.safetensors")
+
+
+def test_final_drafter_is_bf16_by_default_as_published(tiny_dir, tiny_rollouts, tmp_path):
+    res = train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "run", max_steps=1, final_dtype="bf16"))
+    config = json.loads((res.final_drafter / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert all(p.dtype == torch.bfloat16 for p in load_drafter(res.final_drafter).parameters())
+    ckpt = load_drafter(res.out_dir / "checkpoints" / "step-0000001" / "drafter")
+    assert all(p.dtype == torch.float32 for p in ckpt.parameters())  # training state stays fp32

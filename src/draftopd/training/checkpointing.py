@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -25,16 +26,17 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def export_drafter(model, out: Path, ctx: parallel.Context) -> None:
-    """Write the (possibly sharded) drafter as one reference-format directory, from rank 0."""
+def export_drafter(model, out: Path, ctx: parallel.Context, dtype: torch.dtype | None = None) -> None:
+    """Write the (possibly sharded) drafter as one reference-format directory, from rank 0,
+    in `dtype` (default: as trained)."""
     if ctx.world == 1:
-        save_drafter(model, out, overwrite=True)  # a resumed run replaces its own `final`
+        save_drafter(model, out, dtype=dtype, overwrite=True)  # a resumed run replaces its own `final`
         return
     state = parallel.full_state_dict(model)
     if ctx.is_main:
         plain = DFlashDraftModel(model.config)
         plain.load_state_dict(state)
-        save_drafter(plain, out, overwrite=True)
+        save_drafter(plain, out, dtype=dtype, overwrite=True)
 
 
 def save_checkpoint(out_dir, step: int, model, optimizer, extra: dict, ctx: parallel.Context,

@@ -106,6 +106,8 @@ class TrainConfig(Strict):
     batch_size: int = Field(4, ge=1, description="sequences per micro-batch (per process)")
     grad_accum: int = Field(1, ge=1)
     bf16: bool = Field(False, description="bf16 autocast for the drafter")
+    final_dtype: Literal["bf16", "fp32"] = Field("bf16", description="dtype of OUT_DIR/final (published drafters "
+                                                  "are bf16); checkpoints keep the fp32 training weights")
     gradient_checkpointing: bool = False
     draft: DraftConfig = DraftConfig()
     data: DataConfig

@@ -17,7 +17,7 @@ from draftopd.data.rollouts import load_rollouts
 from draftopd.errors import DraftOPDError
 from draftopd.io import check_output_dir, holds, write_json_atomic
 from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_drafter
-from draftopd.model.precision import hardware_record
+from draftopd.model.precision import hardware_record, parse_dtype
 from draftopd.model.target import load_target, target_identity
 from draftopd.seeds import stream
 from draftopd.training import parallel
@@ -217,7 +217,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         bar.close()
     heldout = None
     final = out / "final"
-    export_drafter(model, final, ctx)
+    export_drafter(model, final, ctx, dtype=parse_dtype(cfg.final_dtype))
     if ctx.is_main:
         if held:
             heldout = offline_tau(load_drafter(final, device=cfg.device), target.model, held)
