@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def write_cfg(path, method, tiny_dir, rollouts, out, **extra):
-    cfg = {"method": method, "target": str(tiny_dir), "target_dtype": "fp32", "final_dtype": "fp32", "out_dir": str(out), "max_steps": 4, "seed": 3,
+    cfg = {"method": method, "target": str(tiny_dir), "target_dtype": "fp32", "final_dtype": "fp32",
+           "out_dir": str(out), "max_steps": 4, "seed": 3,
            "draft": {"num_layers": 2, "block_size": 4}, "data": {"rollouts": str(rollouts), "max_length": 64},
            "sft": {"num_anchors": 8, "gamma": 4.0}, "opd": {"max_anchors": 6},
            "log": {"every": 1, "save_every": 2, "progress": False}, "optim": {"lr": 3e-3, "warmup_ratio": 0.0}}
