@@ -172,3 +172,17 @@ def test_eval_replaces_an_earlier_evaluation_only_when_asked(tmp_path, capsys):
     with pytest.raises(DraftOPDError, match="already holds an evaluation run; pass --overwrite"):
         check_output_dir(out, kind="evaluation run", is_kind=holds(SETTINGS))
     assert check_output_dir(out, kind="evaluation run", is_kind=holds(SETTINGS), resume=True) is True
+
+
+def test_saved_drafter_has_the_usual_modes(tmp_path):
+    """Readable by others as any model folder (mkdtemp alone would leave it 0700)."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        out = save_drafter(tiny_drafter(tiny_target("qwen3")), tmp_path / "d")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}

@@ -67,6 +67,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         raise DraftOPDError(f"{out.parent}: cannot write there ({e.strerror or e})") from None
     try:
         yield tmp
+        _default_modes(tmp)
         if out.exists():
             old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
             os.replace(out, old)
@@ -76,6 +77,17 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_modes(root: Path) -> None:
+    """Give a finished directory the modes a plain mkdir/open would (mkdtemp makes it 0700, and
+    some writers make files 0600), so a drafter saved here is readable by an engine run as
+    another user, as any other model folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
