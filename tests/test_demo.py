@@ -47,3 +47,19 @@ def test_demo_from_scratch_trains_sft_first(tmp_path, capsys, one_torch_thread):
     run_demo(tiny_plan(out, from_scratch=True))
     check_summary(out, "sft", capsys)
     assert (out / "sft" / "final" / "config.json").exists()
+
+
+def test_fp32_exactness_check_of_a_bf16_demo(smollm, one_torch_thread):
+    """The check the demo adds when it times in bf16: exact token equality in fp32."""
+    import torch
+
+    from draftopd.data.prompts import apply_chat_template, load_prompts
+    from draftopd.demo import exact_fp32_check
+    from draftopd.evaluation.bench import TokenSequence
+    from draftopd.model.checkpoint import load_drafter
+
+    prompts = [apply_chat_template(smollm.tokenizer, p.messages) for p in load_prompts("gsm8k[1200:1202]")]
+    seqs = [TokenSequence(torch.tensor(ids), len(ids)) for ids in prompts]
+    drafters = {"shipped": load_drafter("smollm2-135m-dflash")}  # bf16, as the demo holds it
+    assert exact_fp32_check(DemoPlan(), drafters, seqs, tokens=16) == {"runs": 2, "mismatches": 0, "tokens": 16}
+    assert next(drafters["shipped"].parameters()).dtype == torch.bfloat16  # the caller's drafter is untouched
