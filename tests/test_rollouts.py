@@ -145,3 +145,21 @@ def test_cli_resumes_finished_run(reference, tmp_path, capsys):
                "--max-new-tokens", "16", "--batch-size", "3", "--dtype", "fp32"])
     assert rc == 0
     assert capsys.readouterr().out.startswith("rollouts: 6 (0 new) | ")
+
+
+def test_a_budgeted_run_samples_the_prompt_set_not_its_longest_prompts(smollm, tmp_path):
+    """With max_seconds the batches run in a seeded random order: a budget that stops after
+    one batch keeps a batch from anywhere in the length order, the same one on a rerun."""
+    spec = "gsm8k[:4],sharegpt[:12]"  # ShareGPT prompts are the long ones
+    prompts = load_prompts(spec, tokenizer=smollm.tokenizer)
+    settings = RolloutSettings(max_new_tokens=2, batch_size=4, max_prompt_tokens=4096)
+    firsts = []
+    for seed in range(4):
+        out = tmp_path / f"s{seed}"
+        generate_rollouts(smollm, prompts, out, replace(settings, seed=seed), prompt_spec=spec, progress=False,
+                          max_seconds=0)
+        firsts.append(sorted(r.id for r in read_records(out)))
+        assert len(firsts[-1]) == 4  # one batch, then the budget stops it
+    longest = sorted(sorted(prompts, key=lambda p: -len(apply_chat_template(smollm.tokenizer, p.messages)))[:4],
+                     key=lambda p: p.id)
+    assert any(f != [p.id for p in longest] for f in firsts)  # not always the longest batch

@@ -23,6 +23,7 @@ from draftopd.errors import DraftOPDError
 from draftopd.io import check_output_dir, holds, write_json_atomic
 from draftopd.model.precision import dtype_name, hardware_record
 from draftopd.model.target import stop_token_ids, target_identity
+from draftopd.seeds import stream
 
 FORMAT = "draftopd-rollouts/1"
 META = "meta.json"
@@ -68,7 +69,9 @@ def generate_rollouts(target, prompts: list[Prompt], out_dir, settings: RolloutS
     Prompts are sorted longest first (less padding; an out-of-memory shows at once) and cut
     into batches before finished ones are skipped, so a resumed run forms the same batches,
     and seeds, as an uninterrupted one. Prompts over `settings.max_prompt_tokens` are skipped.
-    `max_seconds` starts no new batch once that much time has passed (a rerun continues).
+    `max_seconds` starts no new batch once that much time has passed (a rerun continues); the
+    batches then run in a seeded random order, so what fits the budget is a fair sample of the
+    prompt set rather than its longest prompts.
     """
     tok, model = target.tokenizer, target.model
     prompt_ids = prompt_token_ids(tok, prompts, settings)
@@ -80,8 +83,10 @@ def generate_rollouts(target, prompts: list[Prompt], out_dir, settings: RolloutS
     t0 = time.perf_counter()
     with RolloutWriter(out_dir, meta, prompt_ids, progress=progress) as writer:
         order = sorted((p for p in prompts if p.id in prompt_ids), key=lambda p: -len(prompt_ids[p.id]))
-        batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-        for index, batch in enumerate(batches):
+        batches = list(enumerate(order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)))
+        if max_seconds is not None:  # a budget may stop early: take batches in random order, not longest first
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=stream(settings.seed, "batches"))]
+        for index, batch in batches:
             batch = [p for p in batch if p.id not in writer.done]
             if not batch:
                 continue
