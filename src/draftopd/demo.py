@@ -67,7 +67,7 @@ def _rollouts(target, spec: str, out: Path, plan: DemoPlan, minutes: float, what
     records = read_records(out)
     tokens = sum(len(r.response_ids) for r in records)
     _say(f"{what}: {len(records)} responses, {tokens} tokens in {time.perf_counter() - t0:.0f} s "
-         f"(budget {minutes} min)")
+         f"(budget {minutes:.1f} min)")
     return out
 
 
