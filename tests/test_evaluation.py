@@ -207,7 +207,7 @@ def test_tau_ratio_interval_is_paired_over_prompts():
     better = [(int(t * 1.1), s) for t, s in base]  # 10% more tokens per step on every prompt
     ratio, lo, hi = tau_ratio(better, base)
     assert ratio == pytest.approx(75 / 75 * 1.1, rel=0.02)
-    assert 1.05 < lo <= ratio <= hi < 1.15  # paired: prompt difficulty cancels, the interval is narrow
+    assert lo > 1.05 and lo <= ratio <= hi and hi < 1.15  # paired: prompt difficulty cancels, the interval is narrow
     mixed = [(12, 10), (27, 10), (24, 10), (12, 10)]  # better on half the prompts, worse on the others
     _, lo, hi = tau_ratio(mixed, base)
     assert lo < 1.0 < hi
