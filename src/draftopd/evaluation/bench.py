@@ -319,7 +319,8 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, te
 
     sizes = {name: block_size or d.block_size for name, d in drafters.items()}
     settings = {"target": target_identity(target.model, target.name), "dtype": dtype_name(target.dtype),
-                "device": str(target.device), "hardware": hardware_record(target.dtype, target.device), "temperature": temperature, "max_new_tokens": max_new_tokens,
+                "device": str(target.device), "hardware": hardware_record(target.dtype, target.device),
+                "temperature": temperature, "max_new_tokens": max_new_tokens,
                 "block_size": block_size, "thinking": thinking, "max_prompt_tokens": max_prompt_tokens, "seed": seed}
     out = Path(out_dir)
     check_eval_dir(out, resume=resume, overwrite=overwrite)
