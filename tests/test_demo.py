@@ -39,7 +39,8 @@ def test_demo_post_trains_the_shipped_drafter(tmp_path, capsys, one_torch_thread
     assert summary["walk"]["tau"]["shipped-sft"] > 1.5  # the shipped drafter is trained: its drafts get accepted
     assert not (out / "sft").exists()
     run_demo(tiny_plan(out))  # a finished demo reruns from its saved phases
-    assert "opd: already trained" in capsys.readouterr().out
+    rerun = capsys.readouterr().out
+    assert "rollouts: kept as training found them" in rerun and "opd: already trained" in rerun
 
 
 def test_demo_from_scratch_trains_sft_first(tmp_path, capsys, one_torch_thread):

@@ -88,8 +88,12 @@ def run_demo(plan: DemoPlan = DemoPlan()) -> dict:
     _say(f"target {plan.target} in {hw['dtype']} on {hw.get('cpu_capability') or hw.get('gpu')} "
          f"({hw['threads']} threads); phase budgets {budget} min")
 
-    _say(f"1/3 rollouts: the target answers fresh prompts {plan.train_prompts} (greedy)")
-    rollouts = _rollouts(target, plan.train_prompts, out / "rollouts", plan, budget["rollouts"], "rollouts")
+    rollouts = out / "rollouts"
+    if any((out / phase).exists() for phase in ("sft", "opd")):  # training began on them: they must not change
+        _say(f"1/3 rollouts: kept as training found them -> {rollouts}")
+    else:
+        _say(f"1/3 rollouts: the target answers fresh prompts {plan.train_prompts} (greedy)")
+        _rollouts(target, plan.train_prompts, rollouts, plan, budget["rollouts"], "rollouts")
     common = {"target": plan.target, "target_dtype": plan.dtype, "seed": plan.seed, "epochs": 1000,
               "data": {"rollouts": str(rollouts), "max_length": 384, "eval_fraction": 0.0},
               "log": {"every": 10, "save_every": 50}}
