@@ -158,3 +158,20 @@ def test_final_drafter_is_bf16_by_default_as_published(tiny_dir, tiny_rollouts, 
     assert all(p.dtype == torch.bfloat16 for p in load_drafter(res.final_drafter).parameters())
     ckpt = load_drafter(res.out_dir / "checkpoints" / "step-0000001" / "drafter")
     assert all(p.dtype == torch.float32 for p in ckpt.parameters())  # training state stays fp32
+
+
+def test_cpu_budget_clock_ignores_time_the_process_does_not_run(tiny_dir, tiny_rollouts, tmp_path):
+    """An equal-compute comparison on a shared CPU: time spent waiting (other jobs, sleep) is not spent."""
+    import time
+
+    from draftopd.training.trainer import Schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    clocks = {}
+    for clock in ("wall", "cpu"):
+        cfg = cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path, max_minutes=1.0, budget_clock=clock)
+        sched = Schedule(opt, cfg, total=100)
+        time.sleep(0.3)
+        clocks[clock] = sched.elapsed()
+    assert clocks["wall"] >= 0.3
+    assert clocks["cpu"] < 0.15

@@ -102,7 +102,10 @@ class TrainConfig(Strict):
     device: str = "cpu"
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much wall time")
+    max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this much time on budget_clock")
+    budget_clock: Literal["wall", "cpu"] = Field(
+        "wall", description="what max_minutes counts: wall time, or this process's CPU time (all threads), which "
+                            "other jobs on a shared CPU do not eat into: equal-compute comparisons")
     batch_size: int = Field(4, ge=1, description="sequences per micro-batch (per process)")
     grad_accum: int = Field(1, ge=1)
     bf16: bool = Field(False, description="bf16 autocast for the drafter")

@@ -50,17 +50,18 @@ def lr_factor(progress: float, warmup_ratio: float, min_ratio: float) -> float:
 
 
 class Schedule:
-    """Learning rate by progress: steps done / total, or, for a wall-time budget
-    (`max_minutes` without `max_steps`), the larger of that and the share of time spent."""
+    """Learning rate by progress: steps done / total, or, for a time budget (`max_minutes`
+    without `max_steps`), the larger of that and the share of time spent on `budget_clock`."""
 
     def __init__(self, opt, cfg: TrainConfig, total: int, elapsed_s: float = 0.0):
         self.opt, self.cfg, self.total = opt, cfg, total
         self.budget_s = cfg.max_minutes * 60 if cfg.max_minutes and not cfg.max_steps else None
-        self.t0 = time.time() - elapsed_s
+        self.clock = time.process_time if cfg.budget_clock == "cpu" else time.time
+        self.t0 = self.clock() - elapsed_s
         self.base = [cfg.optim.lr for _ in opt.param_groups]
 
     def elapsed(self) -> float:
-        return time.time() - self.t0
+        return self.clock() - self.t0
 
     def set(self, step: int) -> float:
         progress = step / self.total
@@ -223,7 +224,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             heldout = offline_tau(load_drafter(final, device=cfg.device), target.model, held)
             log.log(step, {"heldout_tau": heldout["tau"]})
         write_json_atomic(out / "summary.json", {"steps": step, "skipped_steps": skipped, "heldout": heldout,
-                                                  "final_drafter": str(final), "wall_s": sched.elapsed(),
+                                                  "final_drafter": str(final), "elapsed_s": sched.elapsed(),
+                                                  "budget_clock": cfg.budget_clock,
                                                   "hardware": hardware_record(target.dtype, target.device)})
     log.close()
     parallel.barrier(ctx)
