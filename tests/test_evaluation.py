@@ -213,3 +213,14 @@ def test_tau_ratio_interval_is_paired_over_prompts():
     assert lo < 1.0 < hi
     with pytest.raises(ValueError, match="same non-empty prompts"):
         tau_ratio(base[:2], base)
+
+
+def test_tau_ratio_over_seeds_widens_when_one_training_run_disagrees():
+    from draftopd.evaluation.metrics import tau_ratio
+
+    base = [(10, 10), (30, 10), (20, 10), (15, 10)]
+    better = [(int(t * 1.1), s) for t, s in base]
+    _, lo, _ = tau_ratio([better, better, better], [base, base, base])
+    assert lo > 1.05  # every seed 10% better: the interval stays clear of 1
+    ratio, lo, hi = tau_ratio([better, better, base], [base, base, base])  # one seed gained nothing
+    assert lo <= 1.0 < ratio < hi

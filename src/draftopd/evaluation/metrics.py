@@ -68,23 +68,32 @@ def summarize_runs(records: Sequence[dict], block_size: int | None = None) -> di
     return out
 
 
-def tau_ratio(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]], draws: int = 2000,
-              seed: int = 0) -> tuple[float, float, float]:
-    """tau(a) / tau(b) and its 95% paired bootstrap interval over prompts.
+def tau_ratio(a: Sequence, b: Sequence, draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """tau(a) / tau(b) and its 95% paired bootstrap interval.
 
     `a[i]`, `b[i]` = (generated tokens, verify steps) of prompt i under two drafters; prompts
     are resampled jointly, so the interval reflects how much the ratio depends on which
-    prompts were drawn. Returns (ratio, low, high).
+    prompts were drawn. With one more leading axis, `a[s][i]` from training run (seed) s,
+    paired with `b[s]`: runs are resampled too, so the interval also covers seed-to-seed
+    spread. Returns (ratio, low, high).
     """
     import torch
 
-    if len(a) != len(b) or not a:
-        raise ValueError(f"need the same non-empty prompts for both drafters, got {len(a)} and {len(b)}")
     ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    if ta.shape != tb.shape or ta.numel() == 0 or ta.shape[-1] != 2 or ta.dim() not in (2, 3):
+        raise ValueError(f"need the same non-empty prompts (and runs) for both drafters as (tokens, steps) pairs, "
+                         f"got shapes {tuple(ta.shape)} and {tuple(tb.shape)}")
+    ta, tb = (ta, tb) if ta.dim() == 3 else (ta[None], tb[None])  # [runs, prompts, 2]
+    runs, prompts = ta.shape[:2]
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(a), (draws, len(a)), generator=g)
-    ra = ta[idx, 0].sum(1) / ta[idx, 1].sum(1).clamp_min(1)
-    rb = tb[idx, 0].sum(1) / tb[idx, 1].sum(1).clamp_min(1)
-    lo, hi = torch.quantile(ra / rb, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    ratio = (ta[:, 0].sum() / ta[:, 1].sum().clamp_min(1)) / (tb[:, 0].sum() / tb[:, 1].sum().clamp_min(1))
+    r_idx = torch.randint(0, runs, (draws, runs, 1), generator=g) if runs > 1 else torch.zeros(draws, 1, 1,
+                                                                                                dtype=torch.long)
+    p_idx = torch.randint(0, prompts, (draws, 1, prompts), generator=g)
+
+    def tau(t: torch.Tensor) -> torch.Tensor:  # [draws] from a resampled [draws, runs, prompts, 2]
+        return t[..., 0].sum((1, 2)) / t[..., 1].sum((1, 2)).clamp_min(1)
+
+    lo, hi = torch.quantile(tau(ta[r_idx, p_idx]) / tau(tb[r_idx, p_idx]),
+                            torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    ratio = (ta[..., 0].sum() / ta[..., 1].sum().clamp_min(1)) / (tb[..., 0].sum() / tb[..., 1].sum().clamp_min(1))
     return float(ratio), lo, hi
