@@ -8,7 +8,7 @@ from transformers.utils import logging as hf_logging
 from draftopd.data.rollouts import Rollout, write_rollouts
 from draftopd.model.checkpoint import build_config
 from draftopd.model.drafter import DFlashDraftModel
-from draftopd.model.target import load_target, resolve_target, target_identity
+from draftopd.model.target import load_target, resolve_target
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -82,7 +82,7 @@ def tiny_rollouts(tiny_dir, tmp_path_factory):
         out = target.model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
         rollouts.append(Rollout(f"t:{i}", prompt[0].tolist(), out[0, 6:].tolist(), "length"))
     d = tmp_path_factory.mktemp("tiny-rollouts")
-    write_rollouts(d, {"target": target_identity(target.model, target.name)}, rollouts)
+    write_rollouts(d, {"target": target.identity}, rollouts)
     return d
 
 

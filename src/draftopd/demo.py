@@ -189,10 +189,10 @@ def exact_fp32_check(plan: DemoPlan, drafters: dict, seqs, tokens: int = 32) -> 
     import copy
 
     from draftopd.decoding.speculative import spec_generate
-    from draftopd.model.target import load_target, stop_token_ids
+    from draftopd.model.target import load_target
 
     target = load_target(plan.target, dtype="fp32")
-    stops = stop_token_ids(target.tokenizer, target.model)
+    stops = target.stop_token_ids
     runs = mismatches = 0
     for seq in seqs:
         ids = seq.ids[: seq.prompt_len][None]

@@ -19,7 +19,6 @@ import json
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 from draftopd.data.prompts import Prompt
@@ -266,5 +265,4 @@ def target_without_weights(spec: str) -> tuple[object, dict, list[int]]:
     except OSError:  # no generation_config.json: the tokenizer's EOS alone
         generation = None
     name = EMBEDDED[spec]["name"] if spec in EMBEDDED else spec
-    identity = target_identity(SimpleNamespace(config=config), name)
-    return tokenizer, identity, stop_token_ids(tokenizer, SimpleNamespace(generation_config=generation))
+    return tokenizer, target_identity(config, name), stop_token_ids(tokenizer, generation)

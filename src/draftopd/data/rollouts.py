@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -22,8 +23,11 @@ from draftopd.data.prompts import Prompt, apply_chat_template
 from draftopd.errors import DraftOPDError
 from draftopd.io import check_output_dir, holds, write_json_atomic
 from draftopd.model.precision import dtype_name, hardware_record
-from draftopd.model.target import stop_token_ids, target_identity
+from draftopd.model.target import Target
 from draftopd.seeds import stream
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedModel
 
 FORMAT = "draftopd-rollouts/1"
 META = "meta.json"
@@ -62,7 +66,7 @@ class RolloutSettings:
             raise DraftOPDError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def generate_rollouts(target, prompts: list[Prompt], out_dir, settings: RolloutSettings, *,
+def generate_rollouts(target: Target, prompts: list[Prompt], out_dir, settings: RolloutSettings, *,
                       prompt_spec: str = "", progress: bool = True, max_seconds: float | None = None) -> Path:
     """Write the target's response to each prompt into `out_dir`, resuming a run left there.
 
@@ -75,9 +79,9 @@ def generate_rollouts(target, prompts: list[Prompt], out_dir, settings: RolloutS
     """
     tok, model = target.tokenizer, target.model
     prompt_ids = prompt_token_ids(tok, prompts, settings)
-    meta = rollout_meta(target_identity(model, target.name), dtype_name(target.dtype), settings, prompt_spec,
+    meta = rollout_meta(target.identity, dtype_name(target.dtype), settings, prompt_spec,
                         hardware=hardware_record(target.dtype, target.device))
-    stop = stop_token_ids(tok, model)
+    stop = target.stop_token_ids
     pad_id = pad_token_id(tok, stop)
     config = generation_config(settings, stop, pad_id)
     t0 = time.perf_counter()
@@ -343,7 +347,8 @@ def generation_config(settings: RolloutSettings, stop: list[int], pad_id: int):
 
 
 @torch.inference_mode()
-def generate_batch(model, prompts: list[list[int]], config, pad_id: int, stop: set[int]) -> list[list[int]]:
+def generate_batch(model: PreTrainedModel, prompts: list[list[int]], config: GenerationConfig, pad_id: int,
+                   stop: set[int]) -> list[list[int]]:
     """Responses to a batch of prompts; left padding makes every row's new tokens start at one column."""
     width = max(map(len, prompts))
     device = next(model.parameters()).device

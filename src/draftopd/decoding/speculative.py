@@ -2,7 +2,10 @@
 
 `spec_generate` lives in `draftopd.dflash`, the self-contained module every checkpoint
 carries as its remote code, so `AutoModel.from_pretrained(dir, trust_remote_code=True)
-.spec_generate(...)` and draftopd decode with the same loop.
+.spec_generate(...)` and draftopd decode with the same loop. Its `target` is draftopd's
+`Target` or a bare HF causal LM (`dflash._as_model` takes `.model` of the first): the remote
+code cannot import draftopd, and its callers hold the bare model.
 """
 
-from draftopd.dflash import VERIFY_ROWS, SpecResult, _cache_kwarg, crop_cache, spec_generate  # noqa: F401
+from draftopd.dflash import VERIFY_ROWS, SpecResult, crop_cache, spec_generate  # noqa: F401
+from draftopd.dflash import _cache_kwarg as cache_kwarg  # noqa: F401  (the KV-cache keyword a forward takes)

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from torch import nn
 from draftopd import hub
 from draftopd.errors import DraftOPDError
 from draftopd.model.precision import describe_fallback, parse_dtype
+
+if TYPE_CHECKING:  # transformers is imported when a target is loaded, not when this module is
+    from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED = {
     "smollm2-135m": {
@@ -105,14 +109,18 @@ def resolve_target(spec: str) -> str:
 
 @dataclass
 class Target:
-    """A frozen causal LM plus what the drafter borrows from it."""
+    """A frozen causal LM plus what the drafter borrows from it.
 
-    model: nn.Module
-    tokenizer: object
+    Orchestration (loading, rollouts, training runs, evaluation) passes this; the tensor
+    kernels below it take `model`, the HF `PreTrainedModel`, and say so.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     name: str  # identity recorded in rollouts and drafters
 
     @property
-    def config(self):
+    def config(self) -> PretrainedConfig:
         return self.model.config
 
     @property
@@ -123,10 +131,20 @@ class Target:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def identity(self) -> dict:
+        return target_identity(self.config, self.name)
 
-def target_identity(model: nn.Module, name: str | None = None) -> dict:
-    """What makes two targets the same for a drafter: architecture sizes and vocabulary."""
-    c = model.config
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return stop_token_ids(self.tokenizer, self.model.generation_config)
+
+
+def target_identity(config: PretrainedConfig, name: str | None = None) -> dict:
+    """What makes two targets the same for a drafter: architecture sizes and vocabulary.
+
+    Takes the config alone, so a target served elsewhere is identified from its files."""
+    c = _config_of(config)
     return {
         "name": name or getattr(c, "name_or_path", "") or c.model_type,
         "model_type": c.model_type,
@@ -134,6 +152,32 @@ def target_identity(model: nn.Module, name: str | None = None) -> dict:
         "num_hidden_layers": c.num_hidden_layers,
         "vocab_size": c.vocab_size,
     }
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase | None, generation: GenerationConfig | None = None
+                   ) -> list[int]:
+    """EOS ids from the tokenizer and the generation config, either of which may be missing, for stopping decoding."""
+    generation = _generation_config_of(generation)
+    ids = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eos = getattr(generation, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    return sorted(ids)
+
+
+# Callers outside this pass still hand over the model itself (issue 13: evaluation/bench.py,
+# cli/generate.py, data/engine_server.py, benchmarks/, tests); they move to Target.identity /
+# Target.stop_token_ids or the pieces, and these two adapters go.
+def _config_of(config) -> PretrainedConfig:
+    return config.config if isinstance(config, nn.Module) else config
+
+
+def _generation_config_of(generation) -> GenerationConfig | None:
+    return generation.generation_config if isinstance(generation, nn.Module) else generation
 
 
 _ANNOUNCED: set[str] = set()
@@ -162,17 +206,3 @@ def load_target(spec: str, *, dtype: str | torch.dtype = "auto", device: str = "
         raise DraftOPDError(f"target {spec!r}: needs input embeddings and an LM head")
     name = EMBEDDED[spec]["name"] if spec in EMBEDDED else spec
     return Target(model=model, tokenizer=tokenizer, name=name)
-
-
-def stop_token_ids(tokenizer, model: nn.Module | None = None) -> list[int]:
-    """EOS ids from the tokenizer and generation config, for stopping decoding."""
-    ids = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(e) for e in eos)
-    return sorted(ids)

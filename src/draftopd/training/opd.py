@@ -20,20 +20,22 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
-from draftopd.decoding.speculative import spec_generate
+from draftopd.decoding.speculative import cache_kwarg, spec_generate
 from draftopd.errors import DraftOPDError
-from draftopd.model.drafter import context_features
+from draftopd.model.drafter import DFlashDraftModel, context_features
+from draftopd.model.target import stop_token_ids
 from draftopd.seeds import stream
 from draftopd.training import parallel
 from draftopd.training.anchors import onpolicy_walk, random_anchors, shuffled_segments
 from draftopd.training.batches import Batch, Sequence, collate
 from draftopd.training.blocks import replay
+from draftopd.training.config import TrainConfig
 from draftopd.training.losses import LOGIT_ROWS, kl_rows, offset_weights, sampled_terms
 from draftopd.training.onpolicy import candidate_acceptance
 from draftopd.training.step import StepStats
-from draftopd.training.target_pass import base_model, cache_kwarg
+from draftopd.training.target_pass import base_model
 
 
 def verify_mask(limit: torch.Tensor, block: torch.Tensor, present: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -55,7 +57,7 @@ def verify_mask(limit: torch.Tensor, block: torch.Tensor, present: torch.Tensor,
 MASKED_ATTENTION = ("sdpa", "eager")
 
 
-def check_masked_attention(target) -> None:
+def check_masked_attention(target: PreTrainedModel) -> None:
     """Refuse a target whose attention would ignore the verify pass's custom mask."""
     impl = getattr(base_model(target).config, "_attn_implementation", None) or "eager"
     if impl not in MASKED_ATTENTION:
@@ -64,7 +66,7 @@ def check_masked_attention(target) -> None:
 
 
 @torch.no_grad()
-def verify_states(target, cache: DynamicCache, blocks: torch.Tensor, anchors: torch.Tensor,
+def verify_states(target: PreTrainedModel, cache: DynamicCache, blocks: torch.Tensor, anchors: torch.Tensor,
                   accepted: torch.Tensor, feed: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Target's final hidden after the fed tokens of the drafted blocks: [b, m, w, H].
 
@@ -203,13 +205,12 @@ class OPDStep:
     text sampled at temperature > 0 are not the ones a decode of that text exposed.
     """
 
-    def __init__(self, cfg, draft, target, ctx: parallel.Context = parallel.Context(),
-                 rollout_meta: dict | None = None):
+    def __init__(self, cfg: TrainConfig, draft: DFlashDraftModel, target: PreTrainedModel,
+                 ctx: parallel.Context = parallel.Context(), rollout_meta: dict | None = None):
         self.cfg, self.o, self.draft, self.target, self.ctx = cfg, cfg.opd, draft, target, ctx
         self.live: dict[int, LiveRecord] = {}  # live mode: sequence index -> its latest decode
         self.updates = 0
-        eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
-        self.stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.stop_ids = stop_token_ids(None, target.generation_config)  # live decodes: no tokenizer here
         # the committed correction token's forward term: the paper has none (exact), the public code has one (sampled)
         cf = self.o.correction_forward
         self.correction_forward = self.o.loss == "sampled" if cf is None else cf

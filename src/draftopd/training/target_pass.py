@@ -5,11 +5,19 @@ teacher scores with (the final normed hidden state; logits = LM head of it, comp
 chunks by the losses, never as a [b, n, V] tensor).
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from draftopd.model.drafter import context_features
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from draftopd.training.batches import Batch
 
 
 @dataclass
@@ -18,19 +26,13 @@ class TargetStates:
     last_hidden: torch.Tensor | None  # [b, n, H]: logits at position i predict token i+1
 
 
-def base_model(target):
-    return target.get_decoder() if hasattr(target, "get_decoder") else target.base_model
-
-
-def cache_kwarg(model) -> str:
-    """transformers 5.x renames `past_key_values` to `cache`; the name this model's forward takes."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def base_model(target: PreTrainedModel) -> PreTrainedModel:
+    """The target without its LM head: the kernels apply the head themselves, in row chunks."""
+    return target.get_decoder()
 
 
 @torch.no_grad()
-def target_states(target, input_ids: torch.Tensor, lengths: torch.Tensor, layer_ids: list[int],
+def target_states(target: PreTrainedModel, input_ids: torch.Tensor, lengths: torch.Tensor, layer_ids: list[int],
                   keep_last: bool = False) -> TargetStates:
     attn = (torch.arange(input_ids.shape[1], device=input_ids.device)[None] < lengths[:, None]).long()
     out = base_model(target)(input_ids=input_ids, attention_mask=attn, output_hidden_states=True)
@@ -48,7 +50,7 @@ class FeatureCache:
         self.dtype = dtype
         self.store: dict[int, torch.Tensor] = {}
 
-    def features(self, target, batch, layer_ids: list[int], dtype: torch.dtype) -> torch.Tensor:
+    def features(self, target: PreTrainedModel, batch: Batch, layer_ids: list[int], dtype: torch.dtype) -> torch.Tensor:
         missing = [i for i, idx in enumerate(batch.indices) if idx not in self.store]
         if missing:
             sub = batch.input_ids[missing]
@@ -65,5 +67,5 @@ class FeatureCache:
         return out.to(_device(target))
 
 
-def _device(model) -> torch.device:
+def _device(model: PreTrainedModel) -> torch.device:
     return next(model.parameters()).device

@@ -17,8 +17,9 @@ from draftopd.data.rollouts import load_rollouts
 from draftopd.errors import DraftOPDError
 from draftopd.io import check_output_dir, holds, write_json_atomic
 from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_drafter
+from draftopd.model.drafter import DFlashDraftModel
 from draftopd.model.precision import hardware_record, parse_dtype
-from draftopd.model.target import load_target, target_identity
+from draftopd.model.target import Target, load_target
 from draftopd.seeds import stream
 from draftopd.training import parallel
 from draftopd.training.batches import BatchPlan, build_sequences, split_heldout
@@ -106,14 +107,15 @@ class Accumulator:
         return rec
 
 
-def build_step(cfg: TrainConfig, draft, target, ctx: parallel.Context, rollout_meta: dict | None = None) -> Step:
-    """The per-micro-batch step of the configured method."""
+def build_step(cfg: TrainConfig, draft: DFlashDraftModel, target: Target, ctx: parallel.Context,
+               rollout_meta: dict | None = None) -> Step:
+    """The per-micro-batch step of the configured method; the steps take the bare HF model."""
     if cfg.method == "sft":
-        return SFTStep(cfg, draft, target)
-    return OPDStep(cfg, draft, target, ctx, rollout_meta)
+        return SFTStep(cfg, draft, target.model)
+    return OPDStep(cfg, draft, target.model, ctx, rollout_meta)
 
 
-def _prepare_drafter(cfg: TrainConfig, target, resume_from: Path | None):
+def _prepare_drafter(cfg: TrainConfig, target: Target, resume_from: Path | None) -> DFlashDraftModel:
     if resume_from is not None:
         draft = load_drafter(resume_from / "drafter", device=cfg.device)
     elif cfg.draft.init:
@@ -145,7 +147,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     torch.manual_seed(cfg.seed)
 
     target = load_target(cfg.target, dtype=cfg.target_dtype, device=cfg.device)
-    meta, rollouts = load_rollouts(cfg.data.rollouts, expect_target=target_identity(target.model, target.name))
+    meta, rollouts = load_rollouts(cfg.data.rollouts, expect_target=target.identity)
     seqs = build_sequences(rollouts, cfg.data.max_length)
     train_seqs, held = split_heldout(seqs, cfg.data.eval_fraction, cfg.seed)
     draft = _prepare_drafter(cfg, target, ckpt if resume else None)
@@ -167,7 +169,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         write_json_atomic(out / "config.json", cfg.model_dump())
     log = MetricsLog(out, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, project=cfg.log.wandb_project,
                      config=cfg.model_dump(), resume_step=start, enabled=ctx.is_main)
-    step_fn = build_step(cfg, model, target.model, ctx, meta)
+    step_fn = build_step(cfg, model, target, ctx, meta)
     acc = Accumulator()
     bar = tqdm(total=None if sched.budget_s else total, initial=start, desc=f"{cfg.method} train", disable=not (cfg.log.progress and ctx.is_main),
                dynamic_ncols=True)
