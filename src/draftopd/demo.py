@@ -10,15 +10,20 @@ constant: rollouts stop starting batches at their budget, training stops at its 
 the evaluation picks its prompt counts from the measured decoding speed. Every phase is
 resumable (rollouts skip finished prompts, training resumes from its last checkpoint, a
 finished phase is skipped), so an interrupted demo picks up where it stopped.
+
+Training follows configs/sft-smollm2.yaml and configs/opd-smollm2.yaml; the demo sets only
+its budgets, paths, dtype, seed and start drafter on top (`_recipe`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SHIPPED = "smollm2-135m-dflash"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the recipes: sft-smollm2.yaml, opd-smollm2.yaml
 DEMO_ENTRIES = ("rollouts", "untrained", "sft", "opd", "eval", "demo-summary.json")  # what a demo run writes
 PHASE_MINUTES = {"rollouts": 1.5, "sft": 3.0, "opd": 4.0, "eval": 2.5}  # sft: only with from_scratch
 
@@ -34,13 +39,30 @@ class DemoPlan:
     train_prompts: str = "gsm8k[640:1200],sharegpt[200:400]"
     heldout: tuple[str, ...] = ("gsm8k[1200:]", "humaneval[100:]", "mt-bench[60:]")
     max_new_tokens: int = 128
-    block_size: int = 8  # of a from-scratch drafter
     budget_minutes: dict = field(default_factory=lambda: dict(PHASE_MINUTES))
     seed: int = 0
 
 
 def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _recipe(method: str, plan: DemoPlan, out: Path, minutes: float, drafter: dict):
+    """configs/{method}-smollm2.yaml with only the demo's run settings on top, as
+    `draftopd train --config ... key=value` would apply them: which target, dtype and seed, where
+    to read and write, the budget (epochs unbounded: the budget ends training) and the `drafter`
+    keys (draft.*) to start from. Every rollout trains (eval_fraction 0): the demo measures tau
+    on held-out prompts instead."""
+    from draftopd.errors import DraftOPDError
+    from draftopd.training.config import load_config
+
+    path = CONFIGS / f"{method}-smollm2.yaml"
+    if not path.exists():
+        raise DraftOPDError(f"{path}: the demo trains by the repository's recipes; run it from a clone")
+    run = {"target": plan.target, "target_dtype": plan.dtype, "seed": plan.seed, "out_dir": str(out / method),
+           "max_minutes": minutes, "epochs": 1000, "data.rollouts": str(out / "rollouts"), "data.eval_fraction": 0.0,
+           **drafter}
+    return load_config(path, [f"{key}={json.dumps(value)}" for key, value in run.items()])
 
 
 def _train_phase(cfg) -> Path:
@@ -76,7 +98,6 @@ def run_demo(plan: DemoPlan = DemoPlan()) -> dict:
     from draftopd.model.checkpoint import init_drafter, load_drafter, save_drafter
     from draftopd.model.precision import hardware_record
     from draftopd.model.target import load_target
-    from draftopd.training.config import load_config
 
     out = Path(plan.out_dir)
     check_output_dir(out, kind="demo run", is_kind=lambda p: any((p / n).exists() for n in DEMO_ENTRIES), resume=True)
@@ -94,30 +115,19 @@ def run_demo(plan: DemoPlan = DemoPlan()) -> dict:
     else:
         _say(f"1/3 rollouts: the target answers fresh prompts {plan.train_prompts} (greedy)")
         _rollouts(target, plan.train_prompts, rollouts, plan, budget["rollouts"], "rollouts")
-    common = {"target": plan.target, "target_dtype": plan.dtype, "seed": plan.seed, "epochs": 1000,
-              "data": {"rollouts": str(rollouts), "max_length": 384, "eval_fraction": 0.0},
-              "log": {"every": 10, "save_every": 50}}
 
     if plan.from_scratch:
         untrained = out / "untrained"
+        sft_cfg = _recipe("sft", plan, out, budget["sft"], {"draft.init": str(untrained)})
         if not untrained.exists():
-            save_drafter(init_drafter(target, num_layers=1, block_size=plan.block_size, seed=plan.seed), untrained)
-        sft_cfg = load_config(None, base={
-            **common, "method": "sft", "out_dir": str(out / "sft"), "max_minutes": budget["sft"],
-            "batch_size": 4, "draft": {"init": str(untrained), "block_size": plan.block_size},
-            "optim": {"lr": 1e-3, "warmup_ratio": 0.02, "min_lr_ratio": 0.1},
-            "sft": {"num_anchors": 48, "gamma": 4.0}})
+            save_drafter(init_drafter(target, num_layers=sft_cfg.draft.num_layers, block_size=sft_cfg.draft.block_size,
+                                      seed=plan.seed), untrained)
         _say(f"   SFT (DFlash recipe) from scratch for {budget['sft']} min")
         start, start_name = _train_phase(sft_cfg), "sft"
     else:
         start, start_name = plan.drafter, "shipped-sft"
-    block_size = load_drafter(start).block_size
-
-    opd_cfg = load_config(None, base={
-        **common, "method": "opd", "out_dir": str(out / "opd"), "max_minutes": budget["opd"],
-        "batch_size": 2, "draft": {"init": str(start), "block_size": block_size},
-        "optim": {"lr": 3e-4, "warmup_ratio": 0.05, "min_lr_ratio": 0.1},
-        "opd": {"max_anchors": 48, "offset_sampling": True}})
+    opd_cfg = _recipe("opd", plan, out, budget["opd"],
+                      {"draft.init": str(start), "draft.block_size": load_drafter(start).block_size})
     _say(f"2/3 Draft-OPD from {start} for {budget['opd']} min")
     opd = _train_phase(opd_cfg)
 
