@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from conftest import tiny_drafter, tiny_target
+from helpers import tiny_drafter, tiny_target
 from draftopd.data.prompts import apply_chat_template, load_prompts
 from draftopd.decoding.speculative import spec_generate
 from draftopd.model.checkpoint import init_drafter, load_drafter, save_drafter
@@ -181,6 +181,7 @@ def smol(smollm):
     return prompt, text, overfit(draft, smollm.model, text, prompt.shape[1], steps=24, lr=3e-3)
 
 
+@pytest.mark.slow
 def test_smollm2_decodes_like_the_reference(smollm, smol, tmp_path):
     prompt, _, draft = smol
     path = save_drafter(draft, tmp_path / "ours")
@@ -213,6 +214,7 @@ def scripted(cls):
     return Scripted
 
 
+@pytest.mark.slow
 def test_smollm2_deep_acceptance_like_the_reference(smollm, smol):
     """Blocks accepted across the chunks verification scores rows in; same loop behaviour as the reference."""
     prompt, text, draft = smol
