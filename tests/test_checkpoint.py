@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModel
 
-from conftest import TINY, tiny_drafter, tiny_target, without_dtype_notice
+from helpers import TINY, tiny_drafter, tiny_target, without_dtype_notice
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
 from draftopd.model.checkpoint import build_config, load_drafter, save_drafter

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_drafter, tiny_target
+from helpers import tiny_drafter, tiny_target
 from draftopd.decoding.sampling import sampling_probs
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError

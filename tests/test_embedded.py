@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import tiny_drafter, tiny_target, without_dtype_notice
+from helpers import tiny_drafter, tiny_target, without_dtype_notice
 from draftopd.cli.main import main
 from draftopd.data.prompts import apply_chat_template, load_prompts
 from draftopd.decoding.speculative import spec_generate

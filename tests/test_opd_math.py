@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from conftest import tiny_drafter, tiny_target
+from helpers import tiny_drafter, tiny_target
 from draftopd.errors import DraftOPDError
 from draftopd.training.losses import bernoulli_forward_kl, k3_estimate, kl_rows
 from draftopd.training.opd import verify_mask, verify_states

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_drafter, tiny_target, without_dtype_notice
+from helpers import tiny_drafter, tiny_target, without_dtype_notice
 from draftopd.cli.main import main
 from draftopd.errors import DraftOPDError
 from draftopd.io import atomic_dir, check_output_dir, holds

@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import tiny_drafter, tiny_target
+from helpers import tiny_drafter, tiny_target
 from draftopd.training.anchors import accepted_prefix, onpolicy_walk, random_anchors
 from draftopd.training.blocks import block_inputs, block_labels, block_sparse_mask, replay
 from draftopd.training.losses import implied_tau, offset_weights, weighted_ce

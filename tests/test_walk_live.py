@@ -3,7 +3,7 @@ lengths exactly, on tiny random models, including a length cut and a stop token 
 
 import torch
 
-from conftest import tiny_drafter, tiny_target
+from helpers import tiny_drafter, tiny_target
 from draftopd.decoding.speculative import spec_generate
 from draftopd.training.onpolicy import offline_walks
 from draftopd.training.batches import Sequence
