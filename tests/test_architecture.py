@@ -1,11 +1,14 @@
-"""The package's import graph has no cycle: every module can be read after the ones it uses."""
+"""The package's import graph has no cycle: every module can be read after the ones it uses;
+the README's Layout section names every module, and only modules that exist."""
 
 import ast
+import re
 from pathlib import Path
 
 import draftopd
 
 ROOT = Path(draftopd.__file__).parent
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def module_name(path: Path) -> str:
@@ -75,3 +78,41 @@ def test_no_import_cycle_between_layers():
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def package_modules() -> set[str]:
+    """Module files under src/draftopd, relative to it; the shipped drafters' copies are data."""
+    return {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.py")
+            if p.name != "__init__.py" and p.relative_to(ROOT).parts[0] != "drafters"}
+
+
+def layout_entries(readme: str) -> tuple[set[str], set[str]]:
+    """(module files, folders) that the README's Layout block names under `src/draftopd/`.
+
+    A line indented two spaces opens an entry: a folder (`model/ ...`) whose files follow on it
+    and on its deeper-indented continuation lines, or top-level files (`io.py ... hub.py`).
+    """
+    block = readme.split("\n## Layout\n", 1)[1].split("```")[1].splitlines()
+    lines = block[block.index("src/draftopd/") + 1:]
+    files, folders, folder = set(), set(), ""
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        if not line.strip():
+            continue
+        if indent == 0:  # benchmarks/, configs/: outside the package
+            break
+        if indent == 2:
+            head = line.split()[0]
+            folder = head if head.endswith("/") else ""
+            if folder:
+                folders.add(folder)
+        files.update(folder + name for name in re.findall(r"(?<![\w/*.-])\w+\.py\b", line))
+    return files, folders
+
+
+def test_readme_layout_names_every_module_and_nothing_stale():
+    named, folders = layout_entries(README.read_text())
+    modules = package_modules()
+    assert not modules - named, f"README Layout misses {sorted(modules - named)}"
+    assert not named - modules, f"README Layout names files that do not exist: {sorted(named - modules)}"
+    assert all((ROOT / f).is_dir() for f in folders), sorted(f for f in folders if not (ROOT / f).is_dir())
