@@ -5,7 +5,7 @@ import torch
 
 from helpers import tiny_drafter, tiny_target
 from draftopd.decoding.speculative import spec_generate
-from draftopd.training.onpolicy import offline_walks
+from draftopd.training.onpolicy import offline_walks, text_features
 from draftopd.training.batches import Sequence
 
 
@@ -23,8 +23,11 @@ def _pair():
 
 def _assert_walk_equals_live(draft, target, prompt, res):
     P = prompt.shape[1]
-    walk = offline_walks(draft, target, [Sequence(0, res.output_ids[0], P)])[0]
+    seq = Sequence(0, res.output_ids[0], P)
+    walk = offline_walks(draft, target, [seq])[0]
     assert walk.lengths == res.acceptance_lengths
+    cached = offline_walks(draft, target, [seq], features=text_features(target, [seq], draft.target_layer_ids))[0]
+    assert (cached.anchors, cached.lengths) == (walk.anchors, walk.lengths)
     assert walk.anchors == [P + sum(res.acceptance_lengths[:i]) for i in range(len(res.acceptance_lengths))]
 
 

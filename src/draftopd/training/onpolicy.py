@@ -73,15 +73,30 @@ def walk_sequence(draft, target, features, ids, prompt_len: int, length: int) ->
 
 
 @torch.no_grad()
-def offline_walks(draft, target, sequences, layer_ids=None) -> list[Walk]:
-    """One walk per sequence (objects with `.ids` [L] and `.prompt_len`) over its cached text."""
+def text_features(target, sequences, layer_ids: list[int]) -> list[torch.Tensor]:
+    """The target's context features [1, L, F] of each cached text: computed once, they serve
+    the walks of every drafter that reads the same layers (comparisons over many drafters)."""
     device = next(target.parameters()).device
-    walks = []
+    out = []
     for seq in sequences:
         ids = seq.ids[None].to(device)
-        L = ids.shape[1]
-        feats = target_states(target, ids, torch.tensor([L], device=device), layer_ids or draft.target_layer_ids).features
-        walks.append(walk_sequence(draft, target, feats.to(next(draft.parameters()).dtype), ids, seq.prompt_len, L))
+        out.append(target_states(target, ids, torch.tensor([ids.shape[1]], device=device), layer_ids).features)
+    return out
+
+
+@torch.no_grad()
+def offline_walks(draft, target, sequences, layer_ids=None, features: list[torch.Tensor] | None = None
+                  ) -> list[Walk]:
+    """One walk per sequence (objects with `.ids` [L] and `.prompt_len`) over its cached text;
+    `features` from `text_features` skips the target pass."""
+    device = next(target.parameters()).device
+    dtype = next(draft.parameters()).dtype
+    walks = []
+    for i, seq in enumerate(sequences):
+        ids = seq.ids[None].to(device)
+        feats = (features[i] if features is not None
+                 else text_features(target, [seq], layer_ids or draft.target_layer_ids)[0])
+        walks.append(walk_sequence(draft, target, feats.to(dtype), ids, seq.prompt_len, ids.shape[1]))
     return walks
 
 
