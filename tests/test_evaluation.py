@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import tiny_drafter, tiny_target, without_dtype_notice
+from helpers import tiny_drafter, tiny_target, without_dtype_notice
 from draftopd.cli.main import main
 from draftopd.data.prompts import load_prompts
 from draftopd.data.rollouts import Rollout, write_rollouts
