@@ -1,141 +1,231 @@
-"""Equal compute from one SFT checkpoint: continued SFT vs Draft-OPD, judged by decoded tau.
+"""Equal compute from one SFT drafter: continued SFT vs Draft-OPD and its ablations, over seeds.
 
-The small-scale version of the paper's claim. Every run starts from the same drafter, gets
-the same wall time on the same rollouts (the same held-out split), and is then measured
-with `spec_generate` (greedy, fp32) on held-out prompts; the ratio to continued SFT comes
-with a 95% bootstrap interval over prompts. Goal: OPD tau >= 1.05x continued-SFT tau.
+The small-scale version of the paper's claim and its ablation table. Every run starts from
+the same drafter (default: the shipped `smollm2-135m-dflash`), trains on the same fresh
+rollouts for the same CPU time (`budget_clock=cpu`: other jobs on a shared machine do not
+eat into a run's budget), one torch thread per run. Each drafter is then judged by exact
+greedy tau: an offline walk over the fp32 target's own greedy text on held-out prompts,
+which equals decoding with that drafter token for token (tests/test_walk_live.py) and needs
+no target decoding per drafter. Ratios come with 95% bootstrap intervals that resample
+prompts and seeds. Goal (issue 14): Draft-OPD / continued SFT >= 1.10x.
 
-Start from an SFT drafter that has stopped improving (its held-out tau flat; the paper
-starts OPD from a 6-epoch SFT drafter): from an early one, SFT's dense labels still win.
-The measured protocol (README):
+The measured protocol (README, "Draft-OPD vs continued SFT"):
 
-    draftopd demo        # rollouts (gsm8k[:160],sharegpt[:32]) and a 3-minute SFT drafter in runs/demo
-    draftopd train --config configs/sft-smollm2.yaml draft.init=runs/demo/sft/final \
-        data.rollouts=runs/demo/rollouts target_dtype=bf16 epochs=1000 max_minutes=22 sft.num_anchors=48 \
-        optim.warmup_ratio=0.02 optim.min_lr_ratio=0.1 log.eval_every=60 out_dir=runs/sft-plateau
-    python benchmarks/opd_vs_sft.py --start runs/sft-plateau/final --rollouts runs/demo/rollouts \
-        --minutes 8 --variant opd-exact-os=opd.offset_sampling=true --seed 0    # and seeds 1, 2
-    # 4-minute variants: --minutes 4 --variant opd-exact= --variant opd-all-forward=opd.ablation=all_forward
+    draftopd rollout --target smollm2-135m --prompts 'gsm8k[640:880],sharegpt[200:300]' \\
+        --max-new-tokens 160 --batch-size 32 --max-prompt-tokens 200 --out runs/campaign/rollouts
+    draftopd rollout --target smollm2-135m --prompts 'gsm8k[1200:1230],humaneval[134:164],mt-bench[60:80]' \\
+        --dtype fp32 --max-new-tokens 128 --max-prompt-tokens 400 --out runs/campaign/heldout
+    python benchmarks/opd_vs_sft.py --rollouts runs/campaign/rollouts --heldout runs/campaign/heldout \\
+        --seeds 0,1,2 --cpu-minutes 2 --jobs 2 --out runs/campaign
+
+Runs land in OUT/ARM-seedS; a finished one is measured, not retrained, so an interrupted
+campaign resumes where it stopped, and more seeds or arms can be added later.
 """
 
 import argparse
 import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
 from draftopd.evaluation.metrics import tau_ratio
 
+# arm -> (method, config overrides): the paper's ablations (Table 4) in the public code's semantics
+ARMS = {
+    "sft-continued": ("sft", []),
+    "draft-opd": ("opd", []),
+    "opd+correction-fwd": ("opd", ["opd.correction_forward=true"]),
+    "opd-sampled": ("opd", ["opd.loss=sampled"]),
+    "all-forward": ("opd", ["opd.ablation=all_forward"]),
+    "all-reverse": ("opd", ["opd.ablation=all_reverse"]),
+    "no-decay": ("opd", ["opd.ablation=no_decay"]),
+    "random-anchors": ("opd", ["opd.ablation=random_anchors"]),
+}
+# published MATH-500 tau of each ablation, Qwen3-4B (REFERENCE_RESULTS.md)
+PAPER_MATH500_TAU = {"draft-opd": 6.57, "all-forward": 6.35, "no-decay": 6.18, "all-reverse": 6.14,
+                     "random-anchors": 6.08}
 
-def decoded(draft, target, prompts, max_new_tokens: int) -> torch.Tensor:
-    """Per prompt (tokens committed, verify steps) of greedy `spec_generate`: [prompts, 2]."""
-    from draftopd.data.prompts import apply_chat_template
-    from draftopd.decoding.speculative import spec_generate
-    from draftopd.model.target import stop_token_ids
 
-    stops = stop_token_ids(target.tokenizer, target.model)
-    out = []
-    for p in prompts:
-        ids = torch.tensor([apply_chat_template(target.tokenizer, p.messages)])
-        lengths = spec_generate(draft, target, ids, max_new_tokens, stop_token_ids=stops).acceptance_lengths
-        out.append((sum(lengths), len(lengths)))
-    return torch.tensor(out, dtype=torch.float)
+def run_config(args, arm: str, seed: int, start_block: int) -> dict:
+    method, overrides = ARMS[arm]
+    base = {"method": method, "target": "smollm2-135m", "target_dtype": args.target_dtype, "seed": seed,
+            "epochs": 1000, "max_minutes": args.cpu_minutes, "budget_clock": "cpu", "batch_size": args.batch_size,
+            "out_dir": str(Path(args.out) / f"{arm}-seed{seed}"),
+            "draft": {"init": args.start, "block_size": start_block},
+            "data": {"rollouts": args.rollouts, "max_length": 384},
+            "optim": {"lr": args.lr, "warmup_ratio": 0.05, "min_lr_ratio": 0.1},
+            "sft": {"num_anchors": args.anchors, "gamma": 4.0}, "opd": {"max_anchors": args.anchors},
+            "log": {"every": 10, "save_every": 10_000, "progress": False}}
+    return {"base": base, "overrides": overrides}
 
 
-def tau(counts: torch.Tensor) -> float:
-    return float(counts[:, 0].sum() / counts[:, 1].sum().clamp_min(1))
+def train_run(spec: dict) -> tuple[str, int, float]:
+    """One training run in its own process, one torch thread: (out_dir, steps, wall seconds)."""
+    torch.set_num_threads(1)
+    from transformers.utils import logging as hf_logging
+
+    from draftopd.training.config import load_config
+    from draftopd.training.trainer import train
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    t0 = time.time()
+    res = train(load_config(None, spec["overrides"], base=spec["base"]))
+    return spec["base"]["out_dir"], res.steps, time.time() - t0
+
+
+def walk_counts(path, target, sequences, features, cache: Path) -> list[tuple[int, int]]:
+    """Per held-out text (tokens committed, verify steps) of the drafter at `path`, fp32, cached."""
+    if cache.exists():
+        return [tuple(c) for c in json.loads(cache.read_text())]
+    from draftopd.model.checkpoint import load_drafter
+    from draftopd.training.onpolicy import offline_walks
+
+    draft = load_drafter(path).to(dtype=torch.float32).eval()
+    counts = [(sum(w.lengths), len(w.lengths)) for w in offline_walks(draft, target.model, sequences,
+                                                                       features=features)]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(counts))
+    return counts
+
+
+def heldout_sequences(path: str, target) -> list:
+    from draftopd.data.rollouts import load_rollouts
+    from draftopd.evaluation.bench import TokenSequence
+    from draftopd.model.target import target_identity
+
+    meta, rollouts = load_rollouts(path, expect_target=target_identity(target.model, target.name))
+    if meta.get("dtype") not in (None, "float32", "fp32"):
+        raise SystemExit(f"--heldout {path}: rollouts were made in {meta.get('dtype')}; exact greedy tau needs "
+                         f"the fp32 target's text (draftopd rollout --dtype fp32)")
+    return [TokenSequence(torch.tensor(r.prompt_ids + r.response_ids), len(r.prompt_ids)) for r in rollouts]
+
+
+def ratio_row(a, b) -> dict:
+    r, lo, hi = tau_ratio(a, b)
+    return {"ratio": r, "low": lo, "high": hi}
+
+
+def report(out: Path, rows: dict, start_tau: float, args) -> str:
+    lines = [f"# Draft-OPD vs continued SFT, equal CPU time ({args.cpu_minutes} CPU-min per run, 1 thread)", "",
+             f"From `{args.start}` (held-out tau {start_tau:.3f}); rollouts `{args.rollouts}`; held-out "
+             f"`{args.heldout}` ({rows['sft-continued']['prompts']} prompts, exact greedy fp32 walk); batch "
+             f"{args.batch_size}, lr {args.lr}, anchors {args.anchors}; seeds {args.seeds}. "
+             f"Intervals: 95% bootstrap over prompts and seeds.", "",
+             "| arm | steps/run | tau (pooled) | tau per seed | / start | / continued SFT | / Draft-OPD "
+             "| paper MATH-500 tau (/ Draft-OPD) |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(r):
+        return f"{r['ratio']:.3f} ({r['low']:.3f}-{r['high']:.3f})" if r else "—"
+
+    for arm, row in rows.items():
+        paper = PAPER_MATH500_TAU.get(arm)
+        paper_cell = f"{paper:.2f} ({paper / PAPER_MATH500_TAU['draft-opd']:.3f})" if paper else "—"
+        lines.append(f"| {arm} | {row['steps']:.0f} | {row['tau']:.3f} | "
+                     f"{' / '.join(f'{t:.3f}' for t in row['tau_per_seed'])} | {cell(row['vs_start'])} | "
+                     f"{cell(row['vs_sft'])} | {cell(row['vs_opd'])} | {paper_cell} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def plot(out: Path, rows: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in rows if rows[a]["vs_sft"]]
+    r = [rows[a]["vs_sft"] for a in arms]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.errorbar(range(len(arms)), [x["ratio"] for x in r],
+                yerr=[[x["ratio"] - x["low"] for x in r], [x["high"] - x["ratio"] for x in r]], fmt="o", capsize=4)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
+    ax.set_ylabel("tau / continued SFT")
+    ax.set_title("Equal CPU time from one SFT drafter (95% interval over prompts and seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "opd_vs_sft.png", dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--start", required=True, help="SFT drafter every run starts from")
-    ap.add_argument("--rollouts", required=True)
-    ap.add_argument("--minutes", type=float, default=4.0, help="wall time of each run")
-    ap.add_argument("--heldout", default="gsm8k[1200:1240]", help="prompts for decoded tau")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--start", default="smollm2-135m-dflash", help="SFT drafter every run starts from")
+    ap.add_argument("--rollouts", required=True, help="fresh rollout directory every run trains on")
+    ap.add_argument("--heldout", required=True, help="rollout directory of fp32 greedy target text on held-out "
+                    "prompts (draftopd rollout --dtype fp32)")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--cpu-minutes", type=float, default=2.0, help="CPU time of each run (one thread)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per step, every run")
     ap.add_argument("--anchors", type=int, default=48, help="SFT random anchors / OPD anchor cap per sequence")
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VAL[,KEY=VAL]",
-                    help="an OPD run with config overrides, e.g. 'sampled=opd.loss=sampled' (repeatable; "
-                         "default: one run with the configured loss)")
-    ap.add_argument("--out", default="runs/opd-vs-sft",
-                    help="runs land in OUT/NAME-seedS; a finished one found there is measured, not retrained")
-    ap.add_argument("--target-dtype", default="bf16", choices=["fp32", "bf16"], help="training target dtype")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--target-dtype", default="auto", choices=["auto", "fp32", "bf16"], help="training target")
+    ap.add_argument("--out", default="runs/campaign")
     args = ap.parse_args()
+    arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
+    if unknown := sorted(set(arms) - set(ARMS)):
+        ap.error(f"--arms: unknown {', '.join(unknown)}; expected some of {', '.join(ARMS)}")
+    if "sft-continued" not in arms:
+        ap.error("--arms: sft-continued is the baseline every ratio is taken against; include it")
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from draftopd.data.prompts import load_prompts
     from draftopd.model.checkpoint import load_drafter
     from draftopd.model.target import load_target
-    from draftopd.training.config import load_config
-    from draftopd.training.trainer import train
+    from draftopd.training.onpolicy import text_features
 
+    out = Path(args.out)
     start_block = load_drafter(args.start).block_size
-    common = {"target": "smollm2-135m", "target_dtype": args.target_dtype, "seed": args.seed, "epochs": 1000,
-              "max_minutes": args.minutes, "batch_size": args.batch_size,
-              "draft": {"init": args.start, "block_size": start_block},
-              "data": {"rollouts": args.rollouts, "max_length": 384, "eval_fraction": 0.1},
-              "optim": {"lr": args.lr, "warmup_ratio": 0.05, "min_lr_ratio": 0.1},
-              "log": {"every": 10, "save_every": 10_000}}
-    arms = [("sft-continued", {"method": "sft", "sft": {"num_anchors": args.anchors, "gamma": 4.0}}, [])]
-    for spec in args.variant or ["draft-opd="]:
-        name, _, overrides = spec.partition("=")
-        arms.append((name, {"method": "opd", "opd": {"max_anchors": args.anchors}},
-                     [o for o in overrides.split(",") if o]))
-    runs = {}
-    for name, extra, overrides in arms:
-        out = Path(args.out) / f"{name}-seed{args.seed}"
-        if (out / "summary.json").exists():  # finished by an earlier invocation: measure it again
-            summary = json.loads((out / "summary.json").read_text())
-            runs[name] = (out / "final", summary["steps"], summary["heldout"]["tau"], " ".join(overrides))
-            continue
-        res = train(load_config(None, overrides, base={**common, **extra, "out_dir": str(out)}))
-        runs[name] = (res.final_drafter, res.steps, res.heldout["tau"], " ".join(overrides))
+    todo = [run_config(args, arm, seed, start_block) for seed in seeds for arm in arms  # every arm at a seed first
+            if not (out / f"{arm}-seed{seed}" / "summary.json").exists()]
+    print(f"{len(todo)} run(s) to train ({len(arms) * len(seeds) - len(todo)} already done), {args.jobs} at once, "
+          f"{args.cpu_minutes} CPU-min each", flush=True)
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        for run_dir, steps, wall in pool.map(train_run, todo):
+            print(f"  trained {run_dir}: {steps} steps, {wall / 60:.1f} min wall", flush=True)
 
     target = load_target("smollm2-135m", dtype="fp32")
-    prompts = load_prompts(args.heldout)
-    cache_file = Path(args.out) / "decoded.json"  # greedy decoding is deterministic: measure each drafter once
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    sequences = heldout_sequences(args.heldout, target)
+    key = Path(args.heldout).resolve().name
+    t0 = time.time()
+    features = text_features(target.model, sequences, load_drafter(args.start).target_layer_ids)
+    print(f"  target features of {len(sequences)} held-out texts: {time.time() - t0:.0f} s", flush=True)
+    start_counts = walk_counts(args.start, target, sequences, features, out / f"start-walk-{key}.json")
+    counts, steps = {}, {}
+    for arm in arms:
+        counts[arm], steps[arm] = [], []
+        for seed in seeds:
+            run = out / f"{arm}-seed{seed}"
+            counts[arm].append(walk_counts(run / "final", target, sequences, features, run / f"walk-{key}.json"))
+            steps[arm].append(json.loads((run / "summary.json").read_text())["steps"])
+        print(f"  walked {arm}", flush=True)
 
-    def measure(path) -> torch.Tensor:
-        key = f"{Path(path).resolve()}|{args.heldout}|{args.max_new_tokens}"
-        if key not in cache:
-            cache[key] = decoded(load_drafter(path), target, prompts, args.max_new_tokens).tolist()
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.write_text(json.dumps(cache))
-        return torch.tensor(cache[key])
+    def pooled(c) -> float:
+        t = torch.tensor(c, dtype=torch.float64).reshape(-1, 2).sum(0)
+        return float(t[0] / t[1])
 
-    counts = {"start (SFT checkpoint)": measure(args.start)}
-    info = {"start (SFT checkpoint)": (0, None, "")}
-    for name, (path, steps, offline, overrides) in runs.items():
-        counts[name] = measure(path)
-        info[name] = (steps, offline, overrides)
-
-    print(f"\nheld-out prompts {args.heldout}, greedy fp32, {args.max_new_tokens} new tokens; {args.minutes} min "
-          f"per run, batch {args.batch_size}, lr {args.lr}, seed {args.seed}")
-    print(f"{'drafter':<24} {'steps':>6} {'tau (walk, held-out rollouts)':>30} {'tau (decoded)':>14}  overrides")
-    for name, (steps, offline, overrides) in info.items():
-        walk = "" if offline is None else f"{offline:.3f}"
-        print(f"{name:<24} {steps:>6} {walk:>30} {tau(counts[name]):>14.3f}  {overrides}")
-    sft = counts["sft-continued"]
-    ratios = {}
-    for name in runs:
-        if name != "sft-continued":
-            ratios[name] = tau_ratio(counts[name].tolist(), sft.tolist())
-            lo, hi = ratios[name][1:]
-            print(f"{name} / continued SFT: {ratios[name][0]:.3f}x (95% interval over prompts {lo:.3f}-{hi:.3f}; "
-                  f"goal >= 1.05x)")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"result-seed{args.seed}.json").write_text(json.dumps(
-        {"rows": {k: {"tau_decoded": tau(counts[k]), "steps": v[0], "tau_walk_heldout": v[1], "overrides": v[2],
-                      "per_prompt_tokens_steps": counts[k].tolist()} for k, v in info.items()},
-         "ratios_vs_sft": ratios, "minutes": args.minutes, "seed": args.seed, "batch_size": args.batch_size,
-         "lr": args.lr, "heldout": args.heldout}, indent=2))
+    rows = {}
+    for arm in arms:
+        rows[arm] = {"tau": pooled(counts[arm]), "tau_per_seed": [pooled(c) for c in counts[arm]],
+                     "steps": sum(steps[arm]) / len(seeds), "prompts": len(sequences),
+                     "vs_start": ratio_row(counts[arm], [start_counts] * len(seeds)),
+                     "vs_sft": ratio_row(counts[arm], counts["sft-continued"]) if arm != "sft-continued" else None,
+                     "vs_opd": (ratio_row(counts[arm], counts["draft-opd"])
+                                if "draft-opd" in counts and arm not in ("draft-opd", "sft-continued") else None)}
+    (out / "results.json").write_text(json.dumps(
+        {"rows": rows, "start_tau": pooled(start_counts), "settings": vars(args),
+         "per_prompt_tokens_steps": counts, "start_per_prompt": start_counts,
+         "cpu_capability": torch.backends.cpu.get_cpu_capability()}, indent=1))
+    print("\n" + report(out, rows, pooled(start_counts), args))
+    plot(out, rows)
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'opd_vs_sft.png'}")
 
 
 if __name__ == "__main__":
