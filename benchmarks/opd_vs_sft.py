@@ -95,9 +95,8 @@ def walk_counts(path, target, sequences, features, cache: Path) -> list[tuple[in
 def heldout_sequences(path: str, target) -> list:
     from draftopd.data.rollouts import load_rollouts
     from draftopd.evaluation.bench import TokenSequence
-    from draftopd.model.target import target_identity
 
-    meta, rollouts = load_rollouts(path, expect_target=target_identity(target.model, target.name))
+    meta, rollouts = load_rollouts(path, expect_target=target.identity)
     if meta.get("dtype") not in (None, "float32", "fp32"):
         raise SystemExit(f"--heldout {path}: rollouts were made in {meta.get('dtype')}; exact greedy tau needs "
                          f"the fp32 target's text (draftopd rollout --dtype fp32)")

@@ -30,7 +30,7 @@ from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
 from draftopd.model.checkpoint import _resolve_drafter_path, init_drafter, load_drafter, save_drafter
 from draftopd.model.precision import cpu_capability
-from draftopd.model.target import load_target, resolve_target, stop_token_ids
+from draftopd.model.target import load_target, resolve_target
 
 TARGET = "smollm2-135m"
 
@@ -73,7 +73,7 @@ def bench_dtype(dtype: str, path: str, prompts: list[list[int]], args, reference
     target = load_target(TARGET, dtype=dtype)
     ours = load_drafter(path, dtype=target.dtype)
     theirs = reference.DFlashDraftModel.from_pretrained(path, dtype=target.dtype).eval()
-    stops = stop_token_ids(target.tokenizer, target.model)
+    stops = target.stop_token_ids
     warm = torch.tensor([prompts[0]])
     run_pair(ours, theirs, target, warm, 8, stops, "ours", reference)  # first calls pick kernels, allocate
     ratios, t_ours, t_ref, ttft_ours, ttft_ref, taus, same_lengths, pairs = [], [], [], [], [], [], 0, 0

@@ -41,7 +41,7 @@ def prompts(smollm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(smollm, prompts):
     """HF greedy generation per prompt (computed once), stopping on the same EOS ids."""
-    stops = stop_token_ids(smollm.tokenizer, smollm.model)
+    stops = smollm.stop_token_ids
     done = {}
 
     def get(name):
@@ -58,7 +58,7 @@ PROMPT_IDS = ["gsm8k:0", "humaneval:0", "mt-bench:0", "short.jsonl:0"]
 
 def test_prompt_ids_and_eos_case(prompts, reference, smollm):
     assert sorted(prompts) == sorted(PROMPT_IDS)
-    stops = stop_token_ids(smollm.tokenizer, smollm.model)
+    stops = smollm.stop_token_ids
     assert stops == [2]  # <|im_end|>
     ended = reference("short.jsonl:0")[0, prompts["short.jsonl:0"].shape[1]:].tolist()
     assert ended[-1] in stops and len(ended) < N_NEW  # the EOS case really is one
@@ -70,7 +70,7 @@ def test_prompt_ids_and_eos_case(prompts, reference, smollm):
 @pytest.mark.parametrize("name", PROMPT_IDS)
 def test_greedy_spec_generate_equals_hf_generate(smollm, smol_drafter, prompts, reference, name, block_size):
     ids, ref = prompts[name], reference(name)
-    stops = stop_token_ids(smollm.tokenizer, smollm.model)
+    stops = smollm.stop_token_ids
     res = spec_generate(smol_drafter, smollm, ids, N_NEW, stop_token_ids=stops, block_size=block_size)
     assert res.output_ids.tolist() == ref.tolist()
     assert res.num_output_tokens == ref.shape[1] - ids.shape[1]
@@ -109,7 +109,7 @@ def test_partially_accepted_blocks_equal_hf_generate(smollm, smol_drafter, promp
     ids, ref = prompts[name], reference(name)
     script = torch.cat([ref[0], torch.zeros(32, dtype=torch.long)])
     draft = ScriptedDrafter(smol_drafter, script)
-    stops = stop_token_ids(smollm.tokenizer, smollm.model)
+    stops = smollm.stop_token_ids
     res = spec_generate(draft, smollm, ids, N_NEW, stop_token_ids=stops, block_size=16)
     assert res.output_ids.tolist() == ref.tolist()
     assert res.num_output_tokens > 6  # several blocks, or the next line would prove little
@@ -156,7 +156,7 @@ def test_init_draft_loads_everywhere(smollm, tmp_path, capsys):
 
     # The bundled decoding code is self-contained and lossless too.
     ids = torch.tensor([apply_chat_template(tok, [{"role": "user", "content": EOS_PROMPT}])])
-    stops = stop_token_ids(tok, smollm.model)
+    stops = stop_token_ids(tok, smollm.model.generation_config)
     got = remote.spec_generate(smollm.model, ids, 10, stop_token_ids=stops)
     ref = smollm.model.generate(ids, do_sample=False, max_new_tokens=10, eos_token_id=stops,
                                 pad_token_id=tok.pad_token_id)
@@ -174,7 +174,7 @@ def test_generate_json_equals_greedy(smollm, draft_dir, capsys):
 
     tok = smollm.tokenizer
     ids = torch.tensor([apply_chat_template(tok, [{"role": "user", "content": CLI_PROMPT}])])
-    stops = stop_token_ids(tok, smollm.model)
+    stops = stop_token_ids(tok, smollm.model.generation_config)
     ref = smollm.model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=stops,
                                 pad_token_id=tok.pad_token_id)
     assert got["output_ids"] == ref[0].tolist()

@@ -11,7 +11,6 @@ from draftopd.data.rollouts import RolloutSettings, generate_rollouts
 from draftopd.decoding.speculative import spec_generate
 from draftopd.training.onpolicy import offline_walks
 from draftopd.model.checkpoint import init_drafter, load_drafter, save_drafter
-from draftopd.model.target import stop_token_ids
 from draftopd.training.config import load_config
 from draftopd.training.batches import Sequence
 from draftopd.training.metrics_log import read_metrics
@@ -38,7 +37,7 @@ def run(smollm, tmp_path_factory):
 
 def decode(smollm, draft, prompt):
     ids = torch.tensor([apply_chat_template(smollm.tokenizer, prompt.messages)])
-    return ids, spec_generate(draft, smollm, ids, 40, stop_token_ids=stop_token_ids(smollm.tokenizer, smollm.model))
+    return ids, spec_generate(draft, smollm, ids, 40, stop_token_ids=smollm.stop_token_ids)
 
 
 def test_sft_loss_falls_and_heldout_tau_rises(smollm, run):

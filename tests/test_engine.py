@@ -14,7 +14,6 @@ from draftopd.data.engine_server import EngineServer
 from draftopd.data.prompts import load_prompts
 from draftopd.data.rollouts import RolloutSettings, generate_rollouts, load_rollouts, read_records
 from draftopd.errors import DraftOPDError
-from draftopd.model.target import stop_token_ids, target_identity
 
 SPEC = "gsm8k[:6]"
 NAME = "smollm2-135m"
@@ -31,7 +30,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def identity(smollm):
-    return target_identity(smollm.model, smollm.name)
+    return smollm.identity
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def server(smollm):
 
 def run(url, smollm, prompts, out, identity, **kwargs):
     kwargs = {"concurrency": 2, "progress": False, "prompt_spec": SPEC,
-              "stop_ids": stop_token_ids(smollm.tokenizer, smollm.model), **kwargs}
+              "stop_ids": smollm.stop_token_ids, **kwargs}
     return engine_rollouts(url, NAME, smollm.tokenizer, prompts, out, SETTINGS, target_identity=identity, **kwargs)
 
 
@@ -148,7 +147,7 @@ def test_retokenized_responses_are_marked(smollm, prompts, identity, server, tmp
 
 def test_cli_engine_url(smollm, identity, reference, server, tmp_path, capsys):
     tok, served_identity, stop = target_without_weights(NAME)
-    assert served_identity == identity and stop == stop_token_ids(smollm.tokenizer, smollm.model)
+    assert served_identity == identity and stop == smollm.stop_token_ids
     out = tmp_path / "cli"
     argv = ["rollout", "--target", NAME, "--prompts", "gsm8k[:2]", "--out", str(out), "--max-new-tokens", "12",
             "--batch-size", "1", "--engine-url", server.url + "/v1", "--concurrency", "2"]

@@ -16,7 +16,6 @@ from draftopd.evaluation.metrics import (acceptance_histogram, mean_tau, offset_
                                          time_per_token)
 from draftopd.evaluation.report import PLOTS
 from draftopd.model.checkpoint import init_drafter, load_drafter, save_drafter
-from draftopd.model.target import target_identity
 
 BENCHES = ["gsm8k", "humaneval", "mt-bench"]
 DRAFTERS = ("draft-a", "draft-b")
@@ -146,7 +145,7 @@ def test_cli_resume_after_a_kill_and_offline_rollouts(smollm, run, tmp_path, cap
     (out / SAMPLES).write_text("".join(lines[:-1]) + lines[-1][:40])
     rollouts = [Rollout(r["id"], r["prompt_ids"], r["output_ids"], "length", {})
                 for r in results["samples"] if r["method"] == "loop"]
-    write_rollouts(tmp_path / "rollouts", {"target": target_identity(smollm.model, smollm.name)}, rollouts)
+    write_rollouts(tmp_path / "rollouts", {"target": smollm.identity}, rollouts)
 
     rc = main(["eval", "--draft", str(root / DRAFTERS[0]), "--draft", str(root / DRAFTERS[1]),
                "--bench", ",".join(BENCHES), "--samples", "1", "--max-new-tokens", str(NEW_TOKENS),

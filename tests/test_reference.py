@@ -28,7 +28,6 @@ from helpers import tiny_drafter, tiny_target
 from draftopd.data.prompts import apply_chat_template, load_prompts
 from draftopd.decoding.speculative import spec_generate
 from draftopd.model.checkpoint import init_drafter, load_drafter, save_drafter
-from draftopd.model.target import stop_token_ids
 from draftopd.training.blocks import block_labels, replay
 from draftopd.training.target_pass import target_states
 
@@ -187,7 +186,7 @@ def test_smollm2_decodes_like_the_reference(smollm, smol, tmp_path):
     path = save_drafter(draft, tmp_path / "ours")
     theirs, info = reference.DFlashDraftModel.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    stops = stop_token_ids(smollm.tokenizer, smollm.model)
+    stops = smollm.stop_token_ids
     mine, ref = decode_both(draft, theirs.eval(), smollm.model, prompt, 40, stops)
     assert_same_decoding(mine, ref, draft.block_size, 40, min_tau=1.1)  # two minutes of CPU training: modest
 

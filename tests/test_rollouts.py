@@ -11,7 +11,6 @@ from draftopd.data.prompts import apply_chat_template, load_prompts
 from draftopd.data.rollouts import (FORMAT, Rollout, RolloutSettings, generate_rollouts, load_rollouts,
                                     read_records, write_rollouts)
 from draftopd.errors import DraftOPDError
-from draftopd.model.target import stop_token_ids, target_identity
 
 SPEC = "gsm8k[:6]"
 SETTINGS = RolloutSettings(max_new_tokens=16, batch_size=3)
@@ -32,11 +31,11 @@ def reference(smollm, prompts, tmp_path_factory):
 
 def test_one_record_per_prompt(smollm, prompts, reference):
     out, records = reference
-    meta, rollouts = load_rollouts(out, expect_target=target_identity(smollm.model, smollm.name))
-    assert meta["format"] == FORMAT and meta["target"] == target_identity(smollm.model, smollm.name)
+    meta, rollouts = load_rollouts(out, expect_target=smollm.identity)
+    assert meta["format"] == FORMAT and meta["target"] == smollm.identity
     assert meta["settings"]["max_new_tokens"] == 16 and meta["prompts"] == SPEC and meta["token_ids"] == "exact"
     assert sorted(r.id for r in rollouts) == sorted(p.id for p in prompts)
-    stop = stop_token_ids(smollm.tokenizer, smollm.model)
+    stop = smollm.stop_token_ids
     for p in prompts:
         r = records[p.id]
         assert r.prompt_ids == apply_chat_template(smollm.tokenizer, p.messages)

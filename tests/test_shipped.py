@@ -51,7 +51,7 @@ def test_lossless_and_accepted_on_heldout_prompts(smollm, one_torch_thread):
     on held-out prompts of each benchmark, and its drafts do get accepted."""
     draft = load_drafter(ALIAS).float()
     tok = smollm.tokenizer
-    stops = stop_token_ids(tok, smollm.model)
+    stops = stop_token_ids(tok, smollm.model.generation_config)
     lengths = []
     for prompt in load_prompts("gsm8k[1200:1201],humaneval[100:101],mt-bench[60:61]"):
         ids = torch.tensor([apply_chat_template(tok, prompt.messages)])

@@ -10,7 +10,7 @@ import torch
 from draftopd.data.rollouts import Rollout, write_rollouts
 from draftopd.errors import DraftOPDError
 from draftopd.model.checkpoint import load_drafter
-from draftopd.model.target import load_target, target_identity
+from draftopd.model.target import load_target
 from draftopd.training.config import load_config
 from draftopd.training.metrics_log import read_metrics
 from draftopd.training.trainer import train
@@ -141,7 +141,7 @@ def test_bad_inputs(tiny_dir, tiny_rollouts, tmp_path):
     # responses too short to train on (an EOS alone)
     empty = tmp_path / "empty-rollouts"
     target = load_target(str(tiny_dir), dtype="fp32")
-    write_rollouts(empty, {"target": target_identity(target.model, target.name)},
+    write_rollouts(empty, {"target": target.identity},
                    [Rollout("e:0", [1, 2, 3], [2], "stop")])  # just an EOS
     with pytest.raises(DraftOPDError, match="no usable rollouts"):
         train(cfg_for("sft", tiny_dir, empty, tmp_path / "z"))

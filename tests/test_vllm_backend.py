@@ -20,7 +20,6 @@ from draftopd.data.prompts import load_prompts
 from draftopd.data.rollouts import RolloutSettings, generate_batch, generate_rollouts, generation_config, load_rollouts
 from draftopd.data.vllm_offline import vllm_rollouts
 from draftopd.errors import DraftOPDError
-from draftopd.model.target import stop_token_ids, target_identity
 
 SPEC = "gsm8k[:5]"
 NAME = "smollm2-135m"
@@ -89,14 +88,14 @@ def test_vllm_equals_local_greedy_and_resumes(smollm, prompts, reference, standi
     standin.fail_on_call, standin.prompts = None, []
     vllm_rollouts(NAME, prompts, out, SETTINGS, chunk=2, prompt_spec=SPEC, progress=False)
     assert len(standin.prompts) == 3  # only the unfinished prompts were asked again
-    meta, rollouts = load_rollouts(out, expect_target=target_identity(smollm.model, smollm.name))
+    meta, rollouts = load_rollouts(out, expect_target=smollm.identity)
     assert [r.id for r in rollouts] == [p.id for p in prompts]  # nothing lost, nothing duplicated
     assert {r.id: r for r in rollouts} == reference  # same tokens as local greedy generate
 
     kwargs = standin.llm_kwargs
     assert kwargs["dtype"] == "bfloat16" and kwargs["generation_config"] == "vllm"
     params = standin.params[0]
-    stop = stop_token_ids(smollm.tokenizer, smollm.model)
+    stop = smollm.stop_token_ids
     assert params.temperature == 0 and params.seed is None and params.stop_token_ids == stop
     assert params.max_tokens == 10 and params.repetition_penalty == 1.0 and not params.skip_special_tokens
 

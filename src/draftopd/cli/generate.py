@@ -34,7 +34,7 @@ def cmd_generate(args) -> None:
         shown[0] = text
 
     res = spec_generate(draft, target, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        top_k=args.top_k, stop_token_ids=stop_token_ids(tok, target.model),
+                        top_k=args.top_k, stop_token_ids=stop_token_ids(tok, target.model.generation_config),
                         block_size=args.block_size, generator=gen, on_tokens=None if args.json else stream)
     new = res.output_ids[0, res.num_input_tokens:].tolist()
     text = tok.decode(new, skip_special_tokens=True)

@@ -38,7 +38,7 @@ class EngineServer:
     def __init__(self, model, tokenizer, name: str, *, port: int = 0, drop_every: int = 0, verbose: bool = False):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.drop_every, self.verbose = drop_every, verbose
-        self.stop = stop_token_ids(tokenizer, model)
+        self.stop = stop_token_ids(tokenizer, model.generation_config)
         self.completions = 0  # completion requests received, dropped ones included
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, list[int]] = OrderedDict()  # (prompt, max_tokens, stop) -> response ids

@@ -27,7 +27,6 @@ from draftopd.hub import HUB_TIMEOUT_S, offline
 from draftopd.io import check_output_dir, holds
 from draftopd.model.checkpoint import drafter_target_name
 from draftopd.model.precision import dtype_name, hardware_record
-from draftopd.model.target import stop_token_ids, target_identity
 from draftopd.seeds import derive_seed
 from draftopd.training.onpolicy import offline_tau, offline_walks
 
@@ -190,7 +189,7 @@ class Runner:
                  max_new_tokens: int, seed: int):
         self.target, self.drafters, self.block_sizes = target, drafters, block_sizes
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
-        self.stops = stop_token_ids(target.tokenizer, target.model)
+        self.stops = target.stop_token_ids
         self.pad_id = pad_token_id(target.tokenizer, self.stops)
 
     def loop(self, draft, ids: torch.Tensor, block_size: int, seed: int, max_new_tokens: int | None = None) -> dict:
@@ -356,7 +355,7 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
     rollouts = _load_rollouts(offline_rollouts, target) if offline_rollouts else None
 
     sizes = {name: block_size or d.block_size for name, d in drafters.items()}
-    settings = {"target": target_identity(target.model, target.name), "dtype": dtype_name(target.dtype),
+    settings = {"target": target.identity, "dtype": dtype_name(target.dtype),
                 "device": str(target.device), "hardware": hardware_record(target.dtype, target.device),
                 "temperature": temperature, "max_new_tokens": max_new_tokens,
                 "block_size": block_size, "thinking": thinking, "max_prompt_tokens": max_prompt_tokens, "seed": seed}
@@ -401,5 +400,5 @@ def _load_rollouts(path, target) -> list[TokenSequence]:
     """Cached target rollouts as walkable sequences (checked to come from this target)."""
     from draftopd.data.rollouts import load_rollouts
 
-    _, rollouts = load_rollouts(path, expect_target=target_identity(target.model, target.name))
+    _, rollouts = load_rollouts(path, expect_target=target.identity)
     return [TokenSequence(torch.tensor(r.prompt_ids + r.response_ids), len(r.prompt_ids)) for r in rollouts]

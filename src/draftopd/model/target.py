@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from draftopd import hub
 from draftopd.errors import DraftOPDError
@@ -144,7 +143,7 @@ def target_identity(config: PretrainedConfig, name: str | None = None) -> dict:
     """What makes two targets the same for a drafter: architecture sizes and vocabulary.
 
     Takes the config alone, so a target served elsewhere is identified from its files."""
-    c = _config_of(config)
+    c = config
     return {
         "name": name or getattr(c, "name_or_path", "") or c.model_type,
         "model_type": c.model_type,
@@ -157,7 +156,6 @@ def target_identity(config: PretrainedConfig, name: str | None = None) -> dict:
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase | None, generation: GenerationConfig | None = None
                    ) -> list[int]:
     """EOS ids from the tokenizer and the generation config, either of which may be missing, for stopping decoding."""
-    generation = _generation_config_of(generation)
     ids = set()
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -167,17 +165,6 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase | None, generation: Genera
     elif eos:
         ids.update(int(e) for e in eos)
     return sorted(ids)
-
-
-# Callers outside this pass still hand over the model itself (issue 13: evaluation/bench.py,
-# cli/generate.py, data/engine_server.py, benchmarks/, tests); they move to Target.identity /
-# Target.stop_token_ids or the pieces, and these two adapters go.
-def _config_of(config) -> PretrainedConfig:
-    return config.config if isinstance(config, nn.Module) else config
-
-
-def _generation_config_of(generation) -> GenerationConfig | None:
-    return generation.generation_config if isinstance(generation, nn.Module) else generation
 
 
 _ANNOUNCED: set[str] = set()
