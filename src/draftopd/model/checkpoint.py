@@ -16,6 +16,7 @@ appends `<|MASK|>`), whenever the mask id is a real token. We add one optional f
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -26,6 +27,9 @@ from draftopd import dflash, hub
 from draftopd.dflash import DFlashDraftModel, default_target_layer_ids
 from draftopd.errors import DraftOPDError
 from draftopd.io import atomic_dir, check_output_dir
+
+if TYPE_CHECKING:
+    from draftopd.model.target import Target
 
 # Drafters shipped inside the package: alias -> folder under draftopd/drafters/.
 DRAFTER_ALIASES = {"smollm2-135m-dflash": "smollm2-135m-dflash"}
@@ -100,7 +104,7 @@ def build_config(target_config, *, num_layers: int, block_size: int = 16, target
     )
 
 
-def init_drafter(target, *, num_layers: int, block_size: int = 16, target_layer_ids=None,
+def init_drafter(target: "Target", *, num_layers: int, block_size: int = 16, target_layer_ids=None,
                  mask_token_id: int | None = None, seed: int = 0) -> DFlashDraftModel:
     """A randomly initialised drafter for a loaded `Target`."""
     vocab = target.model.get_input_embeddings().weight.shape[0]

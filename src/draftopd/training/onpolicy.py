@@ -15,7 +15,9 @@ without running the decoder: the trainer's held-out curve and the evaluation's f
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
 
+from draftopd.model.drafter import DFlashDraftModel
 from draftopd.training.anchors import onpolicy_walk
 from draftopd.training.blocks import block_labels, replay
 from draftopd.training.target_pass import target_states
@@ -51,7 +53,8 @@ def progressive_accept(hidden: torch.Tensor, head_weight: torch.Tensor, labels: 
 
 
 @torch.no_grad()
-def candidate_acceptance(draft, target, features: torch.Tensor, ids: torch.Tensor, prompt_len: int,
+def candidate_acceptance(draft: DFlashDraftModel, target: PreTrainedModel, features: torch.Tensor,
+                         ids: torch.Tensor, prompt_len: int,
                          length: int, chunk: int = ANCHOR_ROWS) -> torch.Tensor:
     """r at every candidate anchor a in [P, L-2] of one sequence (features [1, n, F], ids [1, n])."""
     embed, head = target.get_input_embeddings(), target.get_output_embeddings().weight
@@ -66,14 +69,15 @@ def candidate_acceptance(draft, target, features: torch.Tensor, ids: torch.Tenso
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def walk_sequence(draft, target, features, ids, prompt_len: int, length: int) -> Walk:
+def walk_sequence(draft: DFlashDraftModel, target: PreTrainedModel, features: torch.Tensor, ids: torch.Tensor,
+                  prompt_len: int, length: int) -> Walk:
     r = candidate_acceptance(draft, target, features, ids, prompt_len, length).tolist()
     anchors, lengths = onpolicy_walk(r, prompt_len, length - 1)
     return Walk(anchors, [r[a - prompt_len] for a in anchors], lengths)
 
 
 @torch.no_grad()
-def text_features(target, sequences, layer_ids: list[int]) -> list[torch.Tensor]:
+def text_features(target: PreTrainedModel, sequences, layer_ids: list[int]) -> list[torch.Tensor]:
     """The target's context features [1, L, F] of each cached text: computed once, they serve
     the walks of every drafter that reads the same layers (comparisons over many drafters)."""
     device = next(target.parameters()).device
@@ -85,7 +89,7 @@ def text_features(target, sequences, layer_ids: list[int]) -> list[torch.Tensor]
 
 
 @torch.no_grad()
-def offline_walks(draft, target, sequences, layer_ids=None, features: list[torch.Tensor] | None = None
+def offline_walks(draft: DFlashDraftModel, target: PreTrainedModel, sequences, layer_ids=None, features: list[torch.Tensor] | None = None
                   ) -> list[Walk]:
     """One walk per sequence (objects with `.ids` [L] and `.prompt_len`) over its cached text;
     `features` from `text_features` skips the target pass."""
@@ -100,7 +104,7 @@ def offline_walks(draft, target, sequences, layer_ids=None, features: list[torch
     return walks
 
 
-def offline_tau(draft, target, sequences) -> dict:
+def offline_tau(draft: DFlashDraftModel, target: PreTrainedModel, sequences) -> dict:
     """Token-weighted tau (generated tokens / verify steps) and the mean of per-sequence taus."""
     walks = offline_walks(draft, target, sequences)
     steps = sum(len(w.lengths) for w in walks)

@@ -1,10 +1,13 @@
 """DFlash SFT step: random anchors, one batched replay, weighted same-position cross-entropy."""
 
 import torch
+from transformers import PreTrainedModel
 
+from draftopd.model.drafter import DFlashDraftModel
 from draftopd.training.anchors import accepted_prefix, random_anchors
 from draftopd.training.batches import Batch
 from draftopd.training.blocks import NO_LABEL, block_labels, replay
+from draftopd.training.config import TrainConfig
 from draftopd.training.losses import LOGIT_ROWS, offset_weights, weighted_ce
 from draftopd.training.step import StepStats
 from draftopd.training.target_pass import FeatureCache, target_states
@@ -14,7 +17,7 @@ class SFTStep:
     """Callable (batch, generator) -> (loss, stats): target features (cached per sequence when
     `cache_features`, since rollouts are fixed), then `sft_loss`."""
 
-    def __init__(self, cfg, draft, target):
+    def __init__(self, cfg: TrainConfig, draft: DFlashDraftModel, target: PreTrainedModel):
         self.cfg, self.draft, self.target = cfg, draft, target
         self.cache = FeatureCache() if cfg.sft.cache_features else None
 
@@ -30,7 +33,7 @@ class SFTStep:
                         gamma=self.cfg.sft.gamma, generator=generator)
 
 
-def sft_loss(draft, target, batch, features: torch.Tensor, *, num_anchors: int, gamma: float,
+def sft_loss(draft: DFlashDraftModel, target: PreTrainedModel, batch: Batch, features: torch.Tensor, *, num_anchors: int, gamma: float,
              generator: torch.Generator, chunk: int = LOGIT_ROWS) -> tuple[torch.Tensor, StepStats]:
     """Loss and per-offset statistics for one micro-batch."""
     device = features.device
