@@ -201,6 +201,18 @@ def test_export_bf16_keeps_keys(draft_dir, tmp_path, capsys):
     assert all(p.dtype == torch.bfloat16 for p in reloaded.parameters())
 
 
+def test_export_block_size_changes_only_the_served_block(draft_dir, tmp_path, capsys):
+    out = tmp_path / "b4"
+    assert main(["export", "--draft", str(draft_dir), "--out", str(out), "--block-size", "4", "--dtype", "fp32"]) == 0
+    assert "block size 4" in capsys.readouterr().out
+    src, dst = json.loads((draft_dir / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    assert src["block_size"] != 4 and dst["block_size"] == 4
+    assert {k: v for k, v in dst.items() if k != "block_size"} == {k: v for k, v in src.items() if k != "block_size"}
+    assert load_drafter(out).block_size == 4
+    assert main(["export", "--draft", str(draft_dir), "--out", str(tmp_path / "b1"), "--block-size", "1"]) == 2
+    assert "--block-size 1" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def foreign_draft_dir(tmp_path_factory):
     """A drafter built for a tiny random Qwen3 (hidden size 64), not for SmolLM2 (576)."""
