@@ -73,7 +73,8 @@ def train_run(spec: dict) -> tuple[str, int, float]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     t0 = time.time()
-    res = train(load_config(None, spec["overrides"], base=spec["base"]))
+    resume = (Path(spec["base"]["out_dir"]) / "checkpoints").exists()  # a run cut short: its CPU time carries on
+    res = train(load_config(None, spec["overrides"], base=spec["base"]), resume=resume)
     return spec["base"]["out_dir"], res.steps, time.time() - t0
 
 
