@@ -15,8 +15,9 @@ The measured protocol (README, "Draft-OPD vs continued SFT"):
         --max-new-tokens 160 --batch-size 32 --max-prompt-tokens 200 --out runs/campaign/rollouts
     draftopd rollout --target smollm2-135m --prompts 'gsm8k[1200:1230],humaneval[134:164],mt-bench[60:80]' \\
         --dtype fp32 --max-new-tokens 128 --max-prompt-tokens 400 --out runs/campaign/heldout
-    python benchmarks/opd_vs_sft.py --rollouts runs/campaign/rollouts --heldout runs/campaign/heldout \\
-        --seeds 0,1,2 --cpu-minutes 2 --jobs 2 --out runs/campaign
+    draftopd export --draft smollm2-135m-dflash --out runs/campaign/start-b8 --block-size 8   # as trained
+    python benchmarks/opd_vs_sft.py --start runs/campaign/start-b8 --rollouts runs/campaign/rollouts \\
+        --heldout runs/campaign/heldout --seeds 0,1,2 --cpu-minutes 4 --jobs 2 --out runs/campaign
 
 Runs land in OUT/ARM-seedS; a finished one is measured, not retrained, so an interrupted
 campaign resumes where it stopped, and more seeds or arms can be added later.
