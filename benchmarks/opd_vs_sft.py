@@ -160,7 +160,7 @@ def main() -> None:
                     "prompts (draftopd rollout --dtype fp32)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--cpu-minutes", type=float, default=2.0, help="CPU time of each run (one thread)")
+    ap.add_argument("--cpu-minutes", type=float, default=4.0, help="CPU time of each run (one thread)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per step, every run")
     ap.add_argument("--anchors", type=int, default=48, help="SFT random anchors / OPD anchor cap per sequence")
