@@ -18,6 +18,7 @@ One micro-batch:
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -31,11 +32,13 @@ from draftopd.training import parallel
 from draftopd.training.anchors import onpolicy_walk, random_anchors, shuffled_segments
 from draftopd.training.batches import Batch, Sequence, collate
 from draftopd.training.blocks import replay
-from draftopd.training.config import TrainConfig
 from draftopd.training.losses import LOGIT_ROWS, kl_rows, offset_weights, sampled_terms
 from draftopd.training.onpolicy import candidate_acceptance
 from draftopd.training.step import StepStats
 from draftopd.training.target_pass import base_model
+
+if TYPE_CHECKING:  # pydantic stays off the import path of the kernels (the GPU check runs without it)
+    from draftopd.training.config import TrainConfig
 
 
 def verify_mask(limit: torch.Tensor, block: torch.Tensor, present: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -205,7 +208,7 @@ class OPDStep:
     text sampled at temperature > 0 are not the ones a decode of that text exposed.
     """
 
-    def __init__(self, cfg: TrainConfig, draft: DFlashDraftModel, target: PreTrainedModel,
+    def __init__(self, cfg: "TrainConfig", draft: DFlashDraftModel, target: PreTrainedModel,
                  ctx: parallel.Context = parallel.Context(), rollout_meta: dict | None = None):
         self.cfg, self.o, self.draft, self.target, self.ctx = cfg, cfg.opd, draft, target, ctx
         self.live: dict[int, LiveRecord] = {}  # live mode: sequence index -> its latest decode

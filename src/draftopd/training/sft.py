@@ -1,5 +1,7 @@
 """DFlash SFT step: random anchors, one batched replay, weighted same-position cross-entropy."""
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers import PreTrainedModel
 
@@ -7,17 +9,19 @@ from draftopd.model.drafter import DFlashDraftModel
 from draftopd.training.anchors import accepted_prefix, random_anchors
 from draftopd.training.batches import Batch
 from draftopd.training.blocks import NO_LABEL, block_labels, replay
-from draftopd.training.config import TrainConfig
 from draftopd.training.losses import LOGIT_ROWS, offset_weights, weighted_ce
 from draftopd.training.step import StepStats
 from draftopd.training.target_pass import FeatureCache, target_states
+
+if TYPE_CHECKING:  # pydantic stays off the import path of the kernels (the GPU check runs without it)
+    from draftopd.training.config import TrainConfig
 
 
 class SFTStep:
     """Callable (batch, generator) -> (loss, stats): target features (cached per sequence when
     `cache_features`, since rollouts are fixed), then `sft_loss`."""
 
-    def __init__(self, cfg: TrainConfig, draft: DFlashDraftModel, target: PreTrainedModel):
+    def __init__(self, cfg: "TrainConfig", draft: DFlashDraftModel, target: PreTrainedModel):
         self.cfg, self.draft, self.target = cfg, draft, target
         self.cache = FeatureCache() if cfg.sft.cache_features else None
 
