@@ -23,7 +23,7 @@ import torch
 from torch.utils.benchmark import Timer
 from transformers import DynamicCache
 
-from draftopd.decoding.speculative import crop_cache
+from draftopd.decoding.speculative import cache_kwarg, crop_cache
 from draftopd.model.checkpoint import load_drafter
 from draftopd.model.drafter import ContextCache, context_features
 from draftopd.model.precision import hardware_record
@@ -42,14 +42,15 @@ def measure(target, draft, block_sizes: list[int], min_run_time: float) -> list[
     model, dev = target.model, target.device
     ids = torch.randint(100, 10_000, (1, CACHE + max(block_sizes)), device=dev)
     model_cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids[:, :CACHE], past_key_values=model_cache, use_cache=True, output_hidden_states=True)
+    kv = {cache_kwarg(model): model_cache}  # the KV-cache keyword this transformers version takes
+    out = model(input_ids=ids[:, :CACHE], **kv, use_cache=True, output_hidden_states=True)
     feats = context_features(out.hidden_states, draft.target_layer_ids)  # [1, CACHE, F]
     positions = torch.arange(CACHE + max(block_sizes) + NEW_ROWS, device=dev)[None]
 
     def target_step(n: int):
         def run():
             model(input_ids=ids[:, CACHE:CACHE + n], position_ids=positions[:, CACHE:CACHE + n],
-                  past_key_values=model_cache, use_cache=True, output_hidden_states=n > 1)
+                  **kv, use_cache=True, output_hidden_states=n > 1)
             crop_cache(model_cache, CACHE)
         return run
 
