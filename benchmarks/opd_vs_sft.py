@@ -12,15 +12,16 @@ prompts and seeds. Goal (issue 14): Draft-OPD / continued SFT >= 1.10x.
 The measured protocol (README, "Draft-OPD vs continued SFT"):
 
     draftopd rollout --target smollm2-135m --prompts 'gsm8k[640:880],sharegpt[200:300]' \\
-        --max-new-tokens 160 --batch-size 32 --max-prompt-tokens 200 --out runs/campaign/rollouts
+        --max-new-tokens 160 --batch-size 32 --max-prompt-tokens 200 --out runs/campaign-data/rollouts
     draftopd rollout --target smollm2-135m --prompts 'gsm8k[1200:1230],humaneval[134:164],mt-bench[60:80]' \\
-        --dtype fp32 --max-new-tokens 128 --max-prompt-tokens 400 --out runs/campaign/heldout
-    draftopd export --draft smollm2-135m-dflash --out runs/campaign/start-b8 --block-size 8   # as trained
-    python benchmarks/opd_vs_sft.py --start runs/campaign/start-b8 --rollouts runs/campaign/rollouts \\
-        --heldout runs/campaign/heldout --seeds 0,1,2 --cpu-minutes 4 --jobs 2 --out runs/campaign
+        --dtype fp32 --max-new-tokens 128 --max-prompt-tokens 400 --out runs/campaign-data/heldout
+    draftopd export --draft smollm2-135m-dflash --out runs/campaign-data/start-b8 --block-size 8   # as trained
+    python benchmarks/opd_vs_sft.py --start runs/campaign-data/start-b8 --rollouts runs/campaign-data/rollouts \\
+        --heldout runs/campaign-data/heldout --seeds 0,1,2 --cpu-minutes 4 --jobs 2 --out runs/campaign
 
 Runs land in OUT/ARM-seedS; a finished one is measured, not retrained, so an interrupted
-campaign resumes where it stopped, and more seeds or arms can be added later.
+campaign resumes where it stopped, and more seeds or arms can be added later. OUT must be new,
+empty, or an earlier campaign (it holds campaign.json): other folders are refused in one line.
 """
 
 import argparse
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from draftopd.evaluation.metrics import tau_ratio
+from draftopd.io import check_output_dir, holds, write_json_atomic
 
 # arm -> (method, config overrides): the paper's ablations (Table 4) in the public code's semantics
 ARMS = {
@@ -90,7 +92,7 @@ def walk_counts(path, target, sequences, features, cache: Path) -> list[tuple[in
     counts = [(sum(w.lengths), len(w.lengths)) for w in offline_walks(draft, target.model, sequences,
                                                                        features=features)]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(counts))
+    write_json_atomic(cache, counts)
     return counts
 
 
@@ -183,6 +185,9 @@ def main() -> None:
     from draftopd.training.onpolicy import text_features
 
     out = Path(args.out)
+    check_output_dir(out, kind="campaign", is_kind=holds("campaign.json"), resume=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "campaign.json", {"start": args.start, "rollouts": args.rollouts, "heldout": args.heldout})
     start_block = load_drafter(args.start).block_size
     todo = [run_config(args, arm, seed, start_block) for seed in seeds for arm in arms  # every arm at a seed first
             if not (out / f"{arm}-seed{seed}" / "summary.json").exists()]
@@ -220,14 +225,19 @@ def main() -> None:
                      "vs_sft": ratio_row(counts[arm], counts["sft-continued"]) if arm != "sft-continued" else None,
                      "vs_opd": (ratio_row(counts[arm], counts["draft-opd"])
                                 if "draft-opd" in counts and arm not in ("draft-opd", "sft-continued") else None)}
-    (out / "results.json").write_text(json.dumps(
-        {"rows": rows, "start_tau": pooled(start_counts), "settings": vars(args),
-         "per_prompt_tokens_steps": counts, "start_per_prompt": start_counts,
-         "cpu_capability": torch.backends.cpu.get_cpu_capability()}, indent=1))
+    write_json_atomic(out / "results.json", {
+        "rows": rows, "start_tau": pooled(start_counts), "settings": vars(args),
+        "per_prompt_tokens_steps": counts, "start_per_prompt": start_counts,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability()})
     print("\n" + report(out, rows, pooled(start_counts), args))
     plot(out, rows)
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'opd_vs_sft.png'}")
 
 
 if __name__ == "__main__":
-    main()
+    from draftopd.errors import DraftOPDError
+
+    try:
+        main()
+    except DraftOPDError as e:  # bad input: one line, not a traceback
+        raise SystemExit(f"opd_vs_sft: {e}") from None
