@@ -151,7 +151,7 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
     from draftopd.data.rollouts import read_records
     from draftopd.evaluation.bench import TokenSequence, evaluate
     from draftopd.evaluation.metrics import tau_ratio
-    from draftopd.training.onpolicy import offline_walks
+    from draftopd.training.onpolicy import offline_walks, text_features
 
     import torch
 
@@ -163,9 +163,11 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
     for draft in drafters.values():
         draft.to(device=target.device, dtype=target.dtype)
     t0 = time.perf_counter()
+    layers = {tuple(d.target_layer_ids) for d in drafters.values()}
     for seq in seqs:  # walk both drafters over the same prompts until the budget is spent
+        shared = text_features(target.model, [seq], list(*layers)) if len(layers) == 1 else None  # one target pass
         for name, draft in drafters.items():
-            w = offline_walks(draft, target.model, [seq])[0]
+            w = offline_walks(draft, target.model, [seq], features=shared)[0]
             counts[name].append((sum(w.lengths), len(w.lengths)))
         if time.perf_counter() - t0 > seconds / 3:
             break

@@ -54,8 +54,7 @@ def progressive_accept(hidden: torch.Tensor, head_weight: torch.Tensor, labels: 
 
 @torch.no_grad()
 def candidate_acceptance(draft: DFlashDraftModel, target: PreTrainedModel, features: torch.Tensor,
-                         ids: torch.Tensor, prompt_len: int,
-                         length: int, chunk: int = ANCHOR_ROWS) -> torch.Tensor:
+                         ids: torch.Tensor, prompt_len: int, length: int, chunk: int = ANCHOR_ROWS) -> torch.Tensor:
     """r at every candidate anchor a in [P, L-2] of one sequence (features [1, n, F], ids [1, n])."""
     embed, head = target.get_input_embeddings(), target.get_output_embeddings().weight
     B = draft.block_size
@@ -89,8 +88,8 @@ def text_features(target: PreTrainedModel, sequences, layer_ids: list[int]) -> l
 
 
 @torch.no_grad()
-def offline_walks(draft: DFlashDraftModel, target: PreTrainedModel, sequences, layer_ids=None, features: list[torch.Tensor] | None = None
-                  ) -> list[Walk]:
+def offline_walks(draft: DFlashDraftModel, target: PreTrainedModel, sequences, layer_ids=None,
+                  features: list[torch.Tensor] | None = None) -> list[Walk]:
     """One walk per sequence (objects with `.ids` [L] and `.prompt_len`) over its cached text;
     `features` from `text_features` skips the target pass."""
     device = next(target.parameters()).device
