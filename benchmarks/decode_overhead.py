@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from draftopd.decoding.speculative import cache_kwarg, crop_cache
 from draftopd.model.checkpoint import load_drafter
-from draftopd.model.drafter import ContextCache, context_features
+from draftopd.model.drafter import ContextCache, DraftHead, context_features
 from draftopd.model.precision import hardware_record
 from draftopd.model.target import load_target
 
@@ -60,21 +60,27 @@ def measure(target, draft, block_sizes: list[int], min_run_time: float) -> list[
     kept = list(zip(cache.k, cache.v))
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
 
-    def draft_step(B: int):
+    def draft_step(B: int, draft_head):
         block = torch.full((1, B), draft.mask_token_id, device=dev)
         def run():
             hidden = draft(embed(block), feats[:, CACHE - NEW_ROWS:], block_positions=positions[:, CACHE:CACHE + B],
                            context_positions=positions[:, CACHE - NEW_ROWS:CACHE], cache=cache)
-            draft.compute_logits(hidden[0, 1:], head).argmax(-1)
+            draft_head.tokens(draft.compute_logits(hidden[0, 1:], draft_head).argmax(-1))
             cache.k, cache.v = [k for k, _ in kept], [v for _, v in kept]  # drop the rows just appended
         return run
 
+    heads = {"all": DraftHead(head.weight, head.bias, None, head.weight.shape[0])}
+    if draft.draft_vocab is not None:  # and the drafter's own draft vocabulary
+        heads[str(len(draft.draft_vocab))] = draft.draft_head(head)
     t1 = median_s(target_step(1), min_run_time)
     rows = []
     for B in block_sizes:
-        tb, td = median_s(target_step(B), min_run_time), median_s(draft_step(B), min_run_time)
-        rows.append({"block_size": B, "t1_ms": t1 * 1e3, "tB_ms": tb * 1e3, "tdraft_ms": td * 1e3,
-                     "verify_ratio": tb / t1, "break_even_tau": (tb + td) / t1, "tau_for_2x": 2 * (tb + td) / t1})
+        tb = median_s(target_step(B), min_run_time)
+        for name, draft_head in heads.items():
+            td = median_s(draft_step(B, draft_head), min_run_time)
+            rows.append({"block_size": B, "draft_vocab": name, "t1_ms": t1 * 1e3, "tB_ms": tb * 1e3,
+                         "tdraft_ms": td * 1e3, "verify_ratio": tb / t1, "break_even_tau": (tb + td) / t1,
+                         "tau_for_2x": 2 * (tb + td) / t1})
     return rows
 
 
@@ -92,9 +98,10 @@ def main() -> None:
     rows = measure(target, draft, [int(b) for b in args.block_sizes.split(",")], args.min_run_time)
     print(f"{args.target}, drafter {args.drafter} ({len(draft.layers)} layers), {hw['dtype']} on "
           f"{hw.get('cpu_capability') or hw.get('gpu')}, {hw['threads']} threads, cache {CACHE} tokens")
-    print(f"{'B':>3} {'T_1 ms':>8} {'T_B ms':>8} {'T_draft ms':>11} {'T_B/T_1':>8} {'break-even tau':>15} {'tau for 2x':>11}")
+    print(f"{'B':>3} {'draft vocab':>11} {'T_1 ms':>8} {'T_B ms':>8} {'T_draft ms':>11} {'T_B/T_1':>8} "
+          f"{'break-even tau':>15} {'tau for 2x':>11}")
     for r in rows:
-        print(f"{r['block_size']:>3} {r['t1_ms']:>8.1f} {r['tB_ms']:>8.1f} {r['tdraft_ms']:>11.1f} "
+        print(f"{r['block_size']:>3} {r['draft_vocab']:>11} {r['t1_ms']:>8.1f} {r['tB_ms']:>8.1f} {r['tdraft_ms']:>11.1f} "
               f"{r['verify_ratio']:>8.2f} {r['break_even_tau']:>15.2f} {r['tau_for_2x']:>11.2f}")
 
 

@@ -81,13 +81,20 @@ def test_generated_mask_token_is_kept():
     assert (res.output_ids[0, 6:] == mask_id).any()
 
 
-def test_sampling_first_tokens_follow_target_distribution():
+@pytest.mark.parametrize("draft_vocab", ["all", "partial"])
+def test_sampling_first_tokens_follow_target_distribution(draft_vocab):
     """Empirical joint distribution of the first two sampled tokens vs the exact target one.
 
     Only a correct acceptance rule gives p: accepting every draft would give the drafter's q.
+    With a draft vocabulary (in reverse order, lacking one token the target may say second) q
+    has no mass there: mapping rows to tokens or q back to the whole vocabulary wrongly would
+    show, and the missing token must come from the residual.
     """
     torch.manual_seed(0)
     target = tiny_target("qwen3", seed=2)
+    u = torch.randn(target.config.hidden_size, generator=torch.Generator().manual_seed(9))
+    head = target.get_output_embeddings().weight.data
+    head[5], head[6] = 2 * u / u.norm(), -2 * u / u.norm()  # target and drafter both favour 5 or 6: q overlaps p
     draft = tiny_drafter(target, block_size=4, seed=4)
     ids = torch.tensor([[3, 17, 42]])
     T, top_k = 1.0, 3
@@ -99,6 +106,9 @@ def test_sampling_first_tokens_follow_target_distribution():
             p2 = sampling_probs(target(torch.cat([ids, torch.tensor([[a]])], 1)).logits[0, -1], T, top_k=top_k)
             for b in p2.nonzero()[:, 0].tolist():
                 exact[(a, b)] = float(p1[a] * p2[b])
+    if draft_vocab == "partial":
+        missing = max(exact, key=exact.get)[1]
+        draft.set_draft_vocab([t for t in reversed(range(target.config.vocab_size)) if t != missing])
     g = torch.Generator().manual_seed(0)
     n, counts = 1500, {}
     for _ in range(n):  # token 2 comes from the verify step: accepted draft or residual sample

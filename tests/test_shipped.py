@@ -15,7 +15,7 @@ from draftopd.model.target import stop_token_ids
 
 ALIAS = "smollm2-135m-dflash"
 SHIPPED = Path(draftopd.__file__).parent / "drafters" / ALIAS
-REEXPORT = f"draftopd export --draft {ALIAS} --out {SHIPPED} --overwrite"
+REEXPORT = f"draftopd export --draft {ALIAS} --out {SHIPPED} --overwrite"  # keeps block size and token map
 
 
 def tensors(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -31,12 +31,15 @@ def test_alias_loads_the_packaged_directory():
 
 
 def test_files_are_what_save_drafter_writes(smollm, tmp_path):
-    """Same files, tensor names, shapes and dtypes, and config fields as any drafter saved today."""
+    """Same files, tensor names, shapes and dtypes, and config fields as any drafter saved today,
+    plus its draft vocabulary (token_map.pt, 4096 tokens)."""
     shipped = load_drafter(SHIPPED)
-    fresh = save_drafter(init_drafter(smollm, num_layers=len(shipped.layers), block_size=shipped.block_size,
-                                      target_layer_ids=shipped.target_layer_ids), tmp_path / "fresh",
-                         dtype=torch.bfloat16)
+    fresh = init_drafter(smollm, num_layers=len(shipped.layers), block_size=shipped.block_size,
+                         target_layer_ids=shipped.target_layer_ids)
+    fresh.set_draft_vocab(shipped.draft_vocab)
+    fresh = save_drafter(fresh, tmp_path / "fresh", dtype=torch.bfloat16)
     assert sorted(p.name for p in SHIPPED.iterdir()) == sorted(p.name for p in fresh.iterdir())
+    assert "token_map.pt" in {p.name for p in SHIPPED.iterdir()} and len(shipped.draft_vocab) == 4096
     assert tensors(SHIPPED) == tensors(fresh)
     ours, theirs = (json.loads((d / "config.json").read_text()) for d in (SHIPPED, fresh))
     assert set(ours) == set(theirs) and ours["dflash_config"] == theirs["dflash_config"]

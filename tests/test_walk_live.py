@@ -60,3 +60,22 @@ def test_walk_equals_live_decoding_with_cuts_and_stops_mid_block():
     # rejections, partial and full acceptance (a bonus token) all occurred, and both kinds of cut
     assert {1, B} <= seen and seen & set(range(2, B)) and cut_mid_block >= 2 and stop_mid_block >= 1, \
         (seen, cut_mid_block, stop_mid_block)
+
+
+def test_walk_equals_live_decoding_with_a_draft_vocabulary():
+    """A drafter that may not propose token 6 (one of the two the target mostly says; the rest in
+    reverse order, so rows are not token ids): decoding stays lossless, its acceptance changes, and
+    the walk drafts from the same vocabulary."""
+    target, draft = _pair()
+    g = torch.Generator().manual_seed(0)
+    changed = 0
+    for _ in range(3):
+        prompt = torch.randint(20, 150, (1, 6), generator=g)
+        draft.set_draft_vocab(None)
+        full = spec_generate(draft, target, prompt, 24)
+        draft.set_draft_vocab([t for t in reversed(range(target.config.vocab_size)) if t != 6])
+        restricted = spec_generate(draft, target, prompt, 24)
+        assert restricted.output_ids.tolist() == full.output_ids.tolist()
+        _assert_walk_equals_live(draft, target, prompt, restricted)
+        changed += restricted.acceptance_lengths != full.acceptance_lengths
+    assert changed >= 1

@@ -136,6 +136,52 @@ def rejection_accept(
 
 
 # ---------------------------------------------------------------------------------------------
+# The draft head
+
+
+@dataclass
+class DraftHead:
+    """The LM-head rows drafts are chosen from: the target's whole vocabulary, or a draft
+    vocabulary (FR-Spec's frequency-ranked tokens; SGLang's `--speculative-token-map`).
+
+    Lossless either way, since the target verifies every draft. A small drafter's step is
+    mostly this head (B-1 rows x V), so a few thousand frequent tokens make drafting several
+    times cheaper and lose only the drafts that needed a rare token.
+    """
+
+    weight: torch.Tensor  # [V', H]
+    bias: torch.Tensor | None  # [V']
+    vocab: torch.Tensor | None  # [V'] the token id of each row; None: row i is token i
+    vocab_size: int  # V
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V'], like the head module
+        return F.linear(hidden, self.weight, self.bias)
+
+    def tokens(self, rows: torch.Tensor) -> torch.Tensor:  # row indices -> token ids
+        return rows if self.vocab is None else self.vocab[rows]
+
+    def full(self, probs: torch.Tensor) -> torch.Tensor:  # [n, V'] -> [n, V], zero outside the vocabulary
+        if self.vocab is None:
+            return probs
+        return probs.new_zeros(probs.shape[0], self.vocab_size).index_copy_(1, self.vocab, probs)
+
+
+def check_draft_vocab(token_ids, vocab_size: int, where: str = "draft vocabulary") -> torch.Tensor:
+    """A 1-D tensor of distinct token ids in [0, vocab_size), as int64; else one line naming what is wrong."""
+    ids = torch.as_tensor(token_ids)
+    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise DraftOPDError(f"{where}: expected a non-empty 1-D list of integer token ids, got "
+                            f"{ids.dtype} of shape {list(ids.shape)}")
+    ids = ids.long()
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise DraftOPDError(f"{where}: token id {lo if lo < 0 else hi} outside the vocabulary 0..{vocab_size - 1}")
+    if ids.unique().numel() != ids.numel():
+        raise DraftOPDError(f"{where}: token ids repeat ({ids.numel()} ids, {ids.unique().numel()} distinct)")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
 # The drafter
 
 
@@ -318,6 +364,8 @@ class DFlashDraftModel(PreTrainedModel):
         self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config)
         self.gradient_checkpointing = False
+        # Optional draft vocabulary [V'] (token_map.pt beside the weights); not part of the weights.
+        self.register_buffer("draft_vocab", None, persistent=False)
         self.post_init()
 
     def _init_weights(self, module):
@@ -391,10 +439,28 @@ class DFlashDraftModel(PreTrainedModel):
             )
         if not 0 <= self.mask_token_id < emb.shape[0]:
             raise DraftOPDError(f"drafter mask_token_id {self.mask_token_id} outside the target vocabulary")
+        if self.draft_vocab is not None and int(self.draft_vocab.max()) >= emb.shape[0]:
+            raise DraftOPDError(f"drafter draft vocabulary has token id {int(self.draft_vocab.max())}, outside the "
+                                f"target vocabulary 0..{emb.shape[0] - 1}")
 
-    def compute_logits(self, hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
-        """Score drafted positions with the target's LM head ([..., H] -> [..., V]), in its dtype."""
+    def compute_logits(self, hidden: torch.Tensor, head) -> torch.Tensor:
+        """Score drafted positions with the target's LM head or a `draft_head` ([..., H] -> [..., V or V']),
+        in its dtype (the reference's method, kept with its signature)."""
         return head(hidden.to(head.weight.dtype))
+
+    def set_draft_vocab(self, token_ids) -> None:
+        """Draft from these tokens only (None: the whole vocabulary); see `DraftHead`."""
+        ids = None if token_ids is None else check_draft_vocab(token_ids, self.config.vocab_size)
+        self.draft_vocab = None if ids is None else ids.to(self.fc.weight.device)
+
+    def draft_head(self, head: nn.Module) -> DraftHead:
+        """The rows of the target's LM head that drafts are chosen from (a copy of V' rows: take it
+        once per decode or walk, not per step)."""
+        weight, bias, vocab = head.weight.detach(), getattr(head, "bias", None), self.draft_vocab
+        if vocab is None:
+            return DraftHead(weight, bias, None, weight.shape[0])
+        vocab = vocab.to(weight.device)
+        return DraftHead(weight[vocab], None if bias is None else bias.detach()[vocab], vocab, weight.shape[0])
 
     def new_cache(self) -> ContextCache:
         return ContextCache(len(self.layers))
@@ -519,6 +585,7 @@ def spec_generate(
     device = target.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+    draft_head = draft.draft_head(head) if B > 1 else None
     greedy = temperature == 0
     stops = {int(t) for t in stop_token_ids or []}
 
@@ -565,7 +632,9 @@ def spec_generate(
                 context_positions=positions[None, start - n_ctx : start],
                 cache=draft_cache,
             )
-            block[1:size], draft_probs = choose(draft.compute_logits(hidden[0, 1:size], head))
+            rows, draft_probs = choose(draft.compute_logits(hidden[0, 1:size], draft_head))
+            block[1:size] = draft_head.tokens(rows)
+            draft_probs = None if draft_probs is None else draft_head.full(draft_probs)
             block = block[:size]
         keep = {"logits_to_keep": positions[: min(size, VERIFY_ROWS)]} if lazy else {}  # the first rows only
         o = target(input_ids=block[None], position_ids=positions[None, start : start + size],

@@ -3,7 +3,9 @@
 A directory holds `config.json` (Qwen3 fields + `block_size`, `num_target_layers`,
 `dflash_config`), `model.safetensors` (unprefixed keys, no embedding/head) and `dflash.py`,
 a verbatim copy of `draftopd.dflash`, so SGLang, vLLM, the `dflash` package and
-`AutoModel.from_pretrained(dir, trust_remote_code=True)` all load it.
+`AutoModel.from_pretrained(dir, trust_remote_code=True)` all load it. It may also hold
+`token_map.pt`, a draft vocabulary (`draftopd.model.draft_vocab`): engines that do not read it
+draft from the whole vocabulary, with the same output.
 
 Readers differ in what they read, so config.json says some things twice: top-level
 `rope_theta` and `rope_scaling` for transformers 4.x and older SGLang (which assume 1e4 and
@@ -27,6 +29,7 @@ from draftopd import dflash, hub
 from draftopd.dflash import DFlashDraftModel, default_target_layer_ids
 from draftopd.errors import DraftOPDError
 from draftopd.io import atomic_dir, check_output_dir
+from draftopd.model.draft_vocab import TOKEN_MAP, read_token_map, write_token_map
 
 if TYPE_CHECKING:
     from draftopd.model.target import Target
@@ -36,7 +39,7 @@ DRAFTER_ALIASES = {"smollm2-135m-dflash": "smollm2-135m-dflash"}
 # config.json fields a drafter cannot be built without.
 REQUIRED_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
                    "rms_norm_eps", "vocab_size", "num_hidden_layers", "num_target_layers")
-HUB_FILES = ["*.json", "*.safetensors", "*.py"]
+HUB_FILES = ["*.json", "*.safetensors", "*.py", TOKEN_MAP]
 
 
 def choose_mask_token_id(tokenizer, vocab_size: int) -> int:
@@ -171,6 +174,8 @@ def save_drafter(model: DFlashDraftModel, out: str | Path, *, dtype: torch.dtype
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(checkpoint_config(model, dtype), indent=2, sort_keys=True) + "\n")
         shutil.copyfile(dflash.__file__, tmp / "dflash.py")  # the remote code: our own module, byte for byte
+        if model.draft_vocab is not None:
+            write_token_map(model.draft_vocab, tmp / TOKEN_MAP)
     return out
 
 
@@ -240,6 +245,8 @@ def load_drafter(path: str | Path, *, dtype: torch.dtype | None = None, device: 
     fields, saved = _read_config(cfg_file)
     model = _build(cfg_file, fields)
     model.load_state_dict(_read_weights(weights, model))
+    if (path / TOKEN_MAP).exists():
+        model.set_draft_vocab(read_token_map(path / TOKEN_MAP, model.config.vocab_size))
     saved = getattr(torch, saved, None)
     model.to(device=device, dtype=dtype or (saved if isinstance(saved, torch.dtype) else torch.float32))
     return model.eval()

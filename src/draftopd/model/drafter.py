@@ -10,9 +10,11 @@ from draftopd.dflash import (  # noqa: F401
     ContextCache,
     DecoderLayer,
     DFlashDraftModel,
+    DraftHead,
     RMSNorm,
     Rotary,
     apply_rope,
+    check_draft_vocab,
     context_features,
     default_target_layer_ids,
 )

@@ -5,7 +5,8 @@ drafter is, and the acceptance at anchor a depends only on that text. So we draf
 candidate anchor of a cached rollout (no grad, batched), compare with the text, and follow
 a_{m+1} = a_m + r_m + 1: the anchors and acceptance lengths a live decode would record.
 
-The LM head dominates cost, so drafts are scored progressively: offset k is scored only
+Drafts come from the drafter's draft head (its draft vocabulary, if it has one), as in
+decoding. The LM head dominates cost, so drafts are scored progressively: offset k is scored only
 for anchors whose offsets < k all matched (about tau rows per anchor instead of B-1).
 
 The same walk is the exact greedy tau of a drafter on cached target text (`offline_tau`),
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from draftopd.model.drafter import DFlashDraftModel
+from draftopd.model.drafter import DFlashDraftModel, DraftHead
 from draftopd.training.anchors import onpolicy_walk
 from draftopd.training.blocks import block_labels, replay
 from draftopd.training.target_pass import target_states
@@ -37,7 +38,7 @@ class Walk:
 
 
 @torch.no_grad()
-def progressive_accept(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def progressive_accept(hidden: torch.Tensor, head: DraftHead, labels: torch.Tensor) -> torch.Tensor:
     """hidden [m, B-1, H], labels [m, B-1] -> accepted prefix r [m], scoring only live rows."""
     m, K = labels.shape
     r = torch.zeros(m, dtype=torch.long, device=labels.device)
@@ -45,7 +46,7 @@ def progressive_accept(hidden: torch.Tensor, head_weight: torch.Tensor, labels: 
     for k in range(K):
         if alive.numel() == 0:
             break
-        pred = (hidden[alive, k] @ head_weight.T).argmax(-1)
+        pred = head.tokens(head(hidden[alive, k].to(head.weight.dtype)).argmax(-1))
         ok = (pred == labels[alive, k]) & (labels[alive, k] >= 0)
         r[alive[ok]] += 1
         alive = alive[ok]
@@ -56,7 +57,7 @@ def progressive_accept(hidden: torch.Tensor, head_weight: torch.Tensor, labels: 
 def candidate_acceptance(draft: DFlashDraftModel, target: PreTrainedModel, features: torch.Tensor,
                          ids: torch.Tensor, prompt_len: int, length: int, chunk: int = ANCHOR_ROWS) -> torch.Tensor:
     """r at every candidate anchor a in [P, L-2] of one sequence (features [1, n, F], ids [1, n])."""
-    embed, head = target.get_input_embeddings(), target.get_output_embeddings().weight
+    embed, head = target.get_input_embeddings(), draft.draft_head(target.get_output_embeddings())
     B = draft.block_size
     cands = torch.arange(prompt_len, length - 1, device=ids.device)
     out = []
@@ -64,7 +65,7 @@ def candidate_acceptance(draft: DFlashDraftModel, target: PreTrainedModel, featu
         a = cands[s : s + chunk][None]  # [1, m]
         hidden = replay(draft, embed, features, ids, a)[0, :, 1:]  # [m, B-1, H]
         labels = block_labels(ids, a, B, torch.tensor([length], device=ids.device))[0, :, 1:]
-        out.append(progressive_accept(hidden.to(head.dtype), head, labels))
+        out.append(progressive_accept(hidden, head, labels))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 

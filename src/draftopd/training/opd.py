@@ -341,13 +341,13 @@ class OPDStep:
         k = torch.arange(1, self.draft.block_size, device=anchors.device)
         text_pos = (anchors[..., None] + k).clamp(max=ids.shape[1] - 1)
         text_tok = ids.gather(1, text_pos.view(b, -1)).view(b, m, -1)
-        head = self.target.get_output_embeddings().weight
+        head = self.draft.draft_head(self.target.get_output_embeddings())  # as decoding drafts
         with torch.no_grad():
             drafts = text_tok.clone()
             rows = rejected.nonzero(as_tuple=True)
             for s in range(0, rows[0].numel(), LOGIT_ROWS):
                 sel = tuple(t[s : s + LOGIT_ROWS] for t in rows)
-                drafts[sel] = (hidden[sel].detach().to(head.dtype) @ head.T).argmax(-1)
+                drafts[sel] = head.tokens(head(hidden[sel].detach().to(head.weight.dtype)).argmax(-1))
         return text_tok, drafts
 
     # -- 5. the teacher on the draft prefix ----------------------------------------------------
