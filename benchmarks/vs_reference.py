@@ -6,7 +6,8 @@ jobs slows both alike and the ratio stays fair. Each loop's own clock is used (d
 after the first token / output tokens: `time_per_output_token` in both). The output tokens
 must be identical (asserted); acceptance lengths are compared and reported (in the last step,
 when fewer than B positions remain, the reference drafts only those and we draft a full block,
-so that one step may differ). Goal: ours <= 0.85x the reference's time per output token.
+so that one step may differ; a drafter's token_map.pt is read by our loop only, so its drafts,
+and then bf16 rounding, may differ too). Goal: ours <= 0.85x the reference's time per output token.
 
     pip install --no-deps dflash==0.1.0
     python benchmarks/vs_reference.py                         # shipped drafter, fp32 and bf16
@@ -76,16 +77,18 @@ def bench_dtype(dtype: str, path: str, prompts: list[list[int]], args, reference
     stops = target.stop_token_ids
     warm = torch.tensor([prompts[0]])
     run_pair(ours, theirs, target, warm, 8, stops, "ours", reference)  # first calls pick kernels, allocate
-    ratios, t_ours, t_ref, ttft_ours, ttft_ref, taus, same_lengths, pairs = [], [], [], [], [], [], 0, 0
+    ratios, t_ours, t_ref, ttft_ours, ttft_ref, taus = [], [], [], [], [], []
+    same_lengths = same_tokens = pairs = 0
     for r in range(args.repeats):
         for i, p in enumerate(prompts):
             ids = torch.tensor([p])
             got = run_pair(ours, theirs, target, ids, args.max_new_tokens, stops,
                            "ours" if (r + i) % 2 == 0 else "ref", reference)
             (ids_o, acc_o, tpot_o, ttft_o), (ids_r, acc_r, tpot_r, ttft_r) = got["ours"], got["ref"]
-            if ids_o != ids_r:
+            if ids_o != ids_r and target.dtype == torch.float32:
                 raise SystemExit(f"{dtype}: prompt {i}: the two loops produced different tokens")
             pairs += 1
+            same_tokens += ids_o == ids_r
             same_lengths += acc_o == acc_r
             ratios.append(tpot_o / tpot_r)
             t_ours.append(tpot_o)
@@ -93,7 +96,8 @@ def bench_dtype(dtype: str, path: str, prompts: list[list[int]], args, reference
             ttft_ours.append(ttft_o)
             ttft_ref.append(ttft_r)
             taus.append(sum(acc_o) / len(acc_o))
-    return {"dtype": dtype, "pairs": pairs, "same_lengths": same_lengths, "tau": statistics.mean(taus),
+    return {"dtype": dtype, "pairs": pairs, "same_tokens": same_tokens, "same_lengths": same_lengths,
+            "tau": statistics.mean(taus),
             "ours_ms": statistics.median(t_ours) * 1e3, "ref_ms": statistics.median(t_ref) * 1e3,
             "ratio_median": statistics.median(ratios), "ratio_total": sum(t_ours) / sum(t_ref),
             "ttft_ours_ms": statistics.median(ttft_ours) * 1e3, "ttft_ref_ms": statistics.median(ttft_ref) * 1e3}
@@ -122,9 +126,11 @@ def main() -> None:
     for dtype in args.dtype.split(","):
         s = bench_dtype(dtype, path, prompts, args, reference)
         print(f"{s['dtype']:<9}{s['tau']:>6.2f}{s['ours_ms']:>13.1f}{s['ref_ms']:>12.1f}{s['ratio_median']:>10.3f}"
-              f"{s['ratio_total']:>9.3f}{s['pairs']:>9}/{s['pairs']}{s['same_lengths']:>10}/{s['pairs']}"
+              f"{s['ratio_total']:>9.3f}{s['same_tokens']:>9}/{s['pairs']}{s['same_lengths']:>10}/{s['pairs']}"
               f"{s['ttft_ours_ms']:>11.0f} / {s['ttft_ref_ms']:.0f}", flush=True)
     print("ours/ref: median over prompt pairs of the time-per-output-token ratio; (total): ratio of the sums")
+    print("fp32 must give the same tokens (exact); in bf16 a different draft (a draft vocabulary, which the "
+          "reference does not read) changes the verify block, and its rounding can flip near-ties")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def _assert_walk_equals_live(draft, target, prompt, res):
     seq = Sequence(0, res.output_ids[0], P)
     walk = offline_walks(draft, target, [seq])[0]
     assert walk.lengths == res.acceptance_lengths
+    assert walk.accepted == res.accepted_drafts  # what live-mode OPD trains on, cut steps included
     cached = offline_walks(draft, target, [seq], features=text_features(target, [seq], draft.target_layer_ids))[0]
     assert (cached.anchors, cached.lengths) == (walk.anchors, walk.lengths)
     assert walk.anchors == [P + sum(res.acceptance_lengths[:i]) for i in range(len(res.acceptance_lengths))]

@@ -25,6 +25,7 @@ from pathlib import Path
 SHIPPED = "smollm2-135m-dflash"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the recipes: sft-smollm2.yaml, opd-smollm2.yaml
 DEMO_ENTRIES = ("rollouts", "untrained", "sft", "opd", "eval", "demo-summary.json")  # what a demo run writes
+FP32_CHECK_TOKENS = 32  # tokens per run of the demo's exact fp32 lossless check
 PHASE_MINUTES = {"rollouts": 1.5, "sft": 3.0, "opd": 4.0, "eval": 2.5}  # sft: only with from_scratch
 
 
@@ -145,8 +146,9 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
     """Exact greedy tau on many held-out prompts (offline walks over the target's own text,
     no decoding per drafter), and wall-clock speed plus the lossless check on a few of them.
 
-    A third of the budget goes to the held-out text, a third to the walks, a third to timed
-    decoding; prompt counts follow from speeds measured here.
+    A third of the budget goes to the held-out text, a quarter to the walks, and what is left,
+    less the fp32 check's estimated time (bf16 targets), to timed decoding; prompt counts follow
+    from speeds measured here, and the phase prints what each part took.
     """
     from draftopd.data.rollouts import read_records
     from draftopd.evaluation.bench import TokenSequence, evaluate
@@ -156,6 +158,7 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
     import torch
 
     spec = ",".join(plan.heldout)
+    t_start = time.perf_counter()
     heldout = _rollouts(target, spec, out / "heldout-text", plan, seconds / 3 / 60, "held-out target text")
     seqs = [TokenSequence(torch.tensor(r.prompt_ids + r.response_ids), len(r.prompt_ids))
             for r in read_records(heldout)]
@@ -169,15 +172,20 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
         for name, draft in drafters.items():
             w = offline_walks(draft, target.model, [seq], features=shared)[0]
             counts[name].append((sum(w.lengths), len(w.lengths)))
-        if time.perf_counter() - t0 > seconds / 3:
+        if time.perf_counter() - t0 > seconds / 4:
             break
     start_name, opd_name = list(drafters)
     ratio = tau_ratio(counts[opd_name], counts[start_name])
     walk_tau = {n: sum(t for t, _ in c) / max(sum(s for _, s in c), 1) for n, c in counts.items()}
 
-    samples, decode_tokens, per_token = _decode_size(target, len(drafters), len(plan.heldout), seconds / 3)
+    _say(f"   walks: {len(counts[start_name])} held-out texts x {len(drafters)} drafters in "
+         f"{time.perf_counter() - t0:.0f} s (budget {seconds / 4:.0f} s)")
+    check = target.dtype != torch.float32
+    per_token = _decode_seconds_per_token(target)
+    left = seconds - (time.perf_counter() - t_start) - (_fp32_check_seconds(per_token, len(drafters)) if check else 0)
+    samples, decode_tokens = _decode_size(per_token, len(drafters), len(plan.heldout), left)
     _say(f"   timed decoding: {samples} prompt(s) per benchmark x {decode_tokens} tokens "
-         f"(target step {per_token * 1000:.0f} ms here)")
+         f"(target step {per_token * 1000:.0f} ms here; {max(left, 0):.0f} s left for it)")
     decoded = evaluate(target, drafters, list(plan.heldout), samples=samples, max_new_tokens=decode_tokens,
                        out_dir=out / "decode", resume=True)
     result = {"walk": {"prompts": len(counts[start_name]), "tau": walk_tau,
@@ -186,12 +194,20 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
                          "greedy_mismatches": sum(s.get("greedy_mismatches") or 0
                                                   for per in decoded["summary"].values() for s in per.values()),
                          "greedy_runs": sum(1 for r in decoded["samples"] if r["method"] == "draft")}}
-    if target.dtype != torch.float32:
-        result["exact_fp32"] = exact_fp32_check(plan, drafters, seqs[:2])
+    if check:
+        result["exact_fp32"] = exact_fp32_check(plan, drafters, seqs[:2], FP32_CHECK_TOKENS)
+    result["seconds"] = time.perf_counter() - t_start
+    _say(f"   evaluation took {result['seconds']:.0f} s (budget {seconds:.0f} s)")
     return result
 
 
-def exact_fp32_check(plan: DemoPlan, drafters: dict, seqs, tokens: int = 32) -> dict:
+def _fp32_check_seconds(per_token: float, n_drafters: int) -> float:
+    """The fp32 check's time, estimated: loading the fp32 target, then 2 prompts x (target alone
+    + each drafter) x its tokens at ~2x the bf16 step (fp32 reads twice the bytes)."""
+    return 5.0 + 2 * (1 + n_drafters) * FP32_CHECK_TOKENS * 2 * per_token
+
+
+def exact_fp32_check(plan: DemoPlan, drafters: dict, seqs, tokens: int) -> dict:
     """Greedy speculative output == the target's own greedy decoding, token for token, in fp32.
 
     In bf16 a verify pass over a block rounds differently from one-token steps, so near-ties
@@ -216,18 +232,18 @@ def exact_fp32_check(plan: DemoPlan, drafters: dict, seqs, tokens: int = 32) -> 
     return {"runs": runs, "mismatches": mismatches, "tokens": tokens}
 
 
-def _decode_size(target, n_drafters: int, n_benches: int, seconds: float) -> tuple[int, int, float]:
-    """(prompts per benchmark, tokens per run, measured seconds per target step) for timed decoding.
+def _decode_size(per_token: float, n_drafters: int, n_benches: int, seconds: float) -> tuple[int, int]:
+    """(prompts per benchmark, tokens per run) for timed decoding in `seconds`, at `per_token`
+    seconds per target step.
 
     Each prompt runs target alone, HF generate and every drafter (a drafter step costs about a
     target step; 1.3x covers prefill and MT-Bench's second turns). Tokens shrink (to 24) before
     prompts drop below one per benchmark; extra time buys more prompts (up to 4).
     """
-    per_token = _decode_seconds_per_token(target)
     per_prompt_token = per_token * (2 + n_drafters) * n_benches * 1.3
     tokens = int(min(64, max(24, seconds / per_prompt_token)))
     samples = int(min(4, max(1, seconds / (per_prompt_token * tokens))))
-    return samples, tokens, per_token
+    return samples, tokens
 
 
 def _decode_seconds_per_token(target) -> float:

@@ -377,6 +377,8 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
     records = [log.get(b, i, m, n) for b, i in ids for m, n in methods]
     results = {"config": {**settings, "samples": counts if per_bench else samples,
                           "benchmarks": list(benches), "drafters": sizes, "preset": preset,
+                          "draft_vocab": {n: None if d.draft_vocab is None else len(d.draft_vocab)
+                                          for n, d in drafters.items()},
                           "offline_rollouts": str(offline_rollouts) if offline_rollouts else None,
                           "seconds": time.perf_counter() - t0},
                **summarize(records, list(benches), sizes),

@@ -92,7 +92,9 @@ def markdown(results: dict) -> str:
         "# Speculative decoding: speedup / τ", "",
         f"Target `{c['target']['name']}` ({c['dtype']}, {c['device']}); {mode}; up to {c['max_new_tokens']} new "
         f"tokens; {_samples_text(results)}, plus one sample per later turn of "
-        "multi-turn prompts; block size " + ", ".join(f"{n}: {B}" for n, B in c["drafters"].items()) + ".", "",
+        "multi-turn prompts; block size " + ", ".join(f"{n}: {B}" for n, B in c["drafters"].items())
+        + "".join(f"; draft vocabulary (token map) {n}: {v or 'all'} tokens" for n, v in c.get("draft_vocab", {}).items())
+        + ".", "",
         "Cells: speedup in time per output token over the target alone in the same decoding loop "
         "(block size 1) / τ, the mean acceptance length (tokens committed per verify step, token-weighted).", "",
         *_paper_table(results, "speedup"), "", *_published_note(results),

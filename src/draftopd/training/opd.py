@@ -427,6 +427,6 @@ class OPDStep:
                                 generator=stream(self.cfg.seed, "live decode", idx, refresh))
             lens = res.acceptance_lengths
             anchors = (prompt_len + torch.tensor([0] + lens[:-1]).cumsum(0)).tolist()
-            rec = LiveRecord(res.output_ids[0].cpu(), prompt_len, anchors, [x - 1 for x in lens], refresh)
+            rec = LiveRecord(res.output_ids[0].cpu(), prompt_len, anchors, res.accepted_drafts, refresh)
             self.live[idx] = rec
         return rec
