@@ -497,6 +497,7 @@ class SpecResult:
     output_ids: torch.LongTensor  # [1, prompt + generated]
     num_input_tokens: int
     acceptance_lengths: list[int] = field(default_factory=list)  # tokens committed per verify step
+    accepted_drafts: list[int] = field(default_factory=list)  # drafts among them (the last step's may all be)
     time_to_first_token: float = 0.0
     time_per_output_token: float = 0.0
 
@@ -662,6 +663,7 @@ def spec_generate(
         start += produced
         crop_cache(target_cache, start)
         result.acceptance_lengths.append(produced)
+        result.accepted_drafts.append(min(r, produced))  # a cut inside the accepted drafts keeps only drafts
 
     result.output_ids = out[None, : start + 1].clone()
     result.time_per_output_token = (_now(device) - t1) / max(result.num_output_tokens, 1)
