@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from draftopd.model.checkpoint import load_drafter
+from draftopd.model.draft_vocab import TOKEN_MAP, write_token_map
 from draftopd.training.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -48,6 +50,8 @@ def test_two_processes_match_one_process(method, tiny_dir, tiny_rollouts, tmp_pa
     if method == "opd":
         run(1, write_cfg(tmp_path / "warm.yaml", "sft", tiny_dir, tiny_rollouts, tmp_path / "warm", max_steps=3))
         init = {"draft.init": str(tmp_path / "warm" / "final")}
+        vocab = load_drafter(tmp_path / "warm" / "final").config.vocab_size  # a draft vocabulary to carry through
+        write_token_map(torch.arange(vocab - 16).flip(0), tmp_path / "warm" / "final" / TOKEN_MAP)
     one = write_cfg(tmp_path / "one.yaml", method, tiny_dir, tiny_rollouts, tmp_path / "one",
                     batch_size=1, grad_accum=2, **init)
     two = write_cfg(tmp_path / "two.yaml", method, tiny_dir, tiny_rollouts, tmp_path / "two",
@@ -61,6 +65,8 @@ def test_two_processes_match_one_process(method, tiny_dir, tiny_rollouts, tmp_pa
     a, b = load_drafter(tmp_path / "one" / "final"), load_drafter(tmp_path / "two" / "final")
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert (x - y).abs().max() < 1e-4, k
+    if method == "opd":  # the start's token map survives sharded training into the export
+        assert a.draft_vocab.tolist() == b.draft_vocab.tolist() == list(reversed(range(vocab - 16)))
 
 
 def test_checkpoint_from_two_processes_resumes_in_one(tiny_dir, tiny_rollouts, tmp_path):

@@ -8,9 +8,10 @@ imports only torch and transformers (plus draftopd's error type when draftopd is
 its command line prints a user error as one line).
 
 Contents: which target layers condition the drafter and how their states are gathered; the
-acceptance rules of one verify step (greedy, and speculative rejection sampling); the drafter
-(Qwen3-style layers whose keys/values also see the target's context; it borrows the target's
-embedding and LM head); `spec_generate`, the decode loop.
+acceptance rules of one verify step (greedy, and speculative rejection sampling); the draft
+head (the LM-head rows of an optional draft vocabulary); the drafter (Qwen3-style layers whose
+keys/values also see the target's context; it borrows the target's embedding and LM head);
+`spec_generate`, the decode loop.
 
 Shapes: b batch, q block/query tokens, n context tokens, H hidden, h heads, g kv heads,
 d head dim, V vocabulary, B block size.

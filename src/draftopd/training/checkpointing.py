@@ -36,6 +36,7 @@ def export_drafter(model, out: Path, ctx: parallel.Context, dtype: torch.dtype |
     if ctx.is_main:
         plain = DFlashDraftModel(model.config)
         plain.load_state_dict(state)
+        plain.set_draft_vocab(None if model.draft_vocab is None else model.draft_vocab.cpu())  # not in the state
         save_drafter(plain, out, dtype=dtype, overwrite=True)
 
 
