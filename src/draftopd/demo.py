@@ -152,6 +152,7 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
     """
     from draftopd.data.rollouts import read_records
     from draftopd.evaluation.bench import TokenSequence, evaluate
+    from draftopd.io import write_json_atomic
     from draftopd.evaluation.metrics import tau_ratio
     from draftopd.training.onpolicy import offline_walks, text_features
 
@@ -181,11 +182,18 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
     _say(f"   walks: {len(counts[start_name])} held-out texts x {len(drafters)} drafters in "
          f"{time.perf_counter() - t0:.0f} s (budget {seconds / 4:.0f} s)")
     check = target.dtype != torch.float32
-    per_token = _decode_seconds_per_token(target)
-    left = seconds - (time.perf_counter() - t_start) - (_fp32_check_seconds(per_token, len(drafters)) if check else 0)
-    samples, decode_tokens = _decode_size(per_token, len(drafters), len(plan.heldout), left)
-    _say(f"   timed decoding: {samples} prompt(s) per benchmark x {decode_tokens} tokens "
-         f"(target step {per_token * 1000:.0f} ms here; {max(left, 0):.0f} s left for it)")
+    size_file = out / "decode-size.json"  # chosen once: a rerun resumes the same timed decoding
+    if size_file.exists():
+        size = json.loads(size_file.read_text())
+        samples, decode_tokens = size["samples"], size["max_new_tokens"]
+        _say(f"   timed decoding: {samples} prompt(s) per benchmark x {decode_tokens} tokens, as first sized")
+    else:
+        per_token = _decode_seconds_per_token(target)
+        left = seconds - (time.perf_counter() - t_start) - (_fp32_check_seconds(per_token, len(drafters)) if check else 0)
+        samples, decode_tokens = _decode_size(per_token, len(drafters), len(plan.heldout), left)
+        write_json_atomic(size_file, {"samples": samples, "max_new_tokens": decode_tokens})
+        _say(f"   timed decoding: {samples} prompt(s) per benchmark x {decode_tokens} tokens "
+             f"(target step {per_token * 1000:.0f} ms here; {max(left, 0):.0f} s left for it)")
     decoded = evaluate(target, drafters, list(plan.heldout), samples=samples, max_new_tokens=decode_tokens,
                        out_dir=out / "decode", resume=True)
     result = {"walk": {"prompts": len(counts[start_name]), "tau": walk_tau,
