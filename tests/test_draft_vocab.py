@@ -94,8 +94,12 @@ def test_export_builds_keeps_and_drops_the_token_map(tmp_path, capsys):
                  "--token-map", str(tmp_path / "a" / TOKEN_MAP), "--token-map-size", "2"]) == 0
     assert load_drafter(tmp_path / "d").draft_vocab.tolist() == [5, 2]
     capsys.readouterr()
+    other = tmp_path / "other-rollouts"  # another target's responses
+    write_rollouts(other, {"target": {"name": "big", "vocab_size": 2 * target.config.vocab_size}},
+                   [Rollout("p0", [1], [300, 2], "stop")])
     for extra, message in [(["--token-map", str(tmp_path / "nope")], "no such file or rollout directory"),
-                           (["--token-map-size", "5"], "--token-map-size needs --token-map")]:
+                           (["--token-map-size", "5"], "--token-map-size needs --token-map"),
+                           (["--token-map", str(other)], f"target with vocabulary {2 * target.config.vocab_size}")]:
         assert main(["export", "--draft", str(src), "--out", str(tmp_path / "e"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1

@@ -15,7 +15,11 @@ def token_map(source: str, size: int | None, vocab_size: int):
         return None, "token map: none (drafts from the whole vocabulary)"
     path = Path(source)
     if path.is_dir():
-        _, rollouts = load_rollouts(path)
+        meta, rollouts = load_rollouts(path)
+        made_for = meta["target"].get("vocab_size")
+        if made_for is not None and made_for != vocab_size:
+            raise DraftOPDError(f"--token-map {source}: rollouts of a target with vocabulary {made_for}, but the "
+                                f"drafter's is {vocab_size}; use rollouts of the drafter's target")
         counts = token_counts((r.response_ids for r in rollouts), vocab_size)
         ids, coverage = frequent_tokens(counts, size or DEFAULT_TOKEN_MAP_SIZE)
         return ids, (f"token map: the {len(ids)} most frequent of {int((counts > 0).sum())} distinct tokens in "
