@@ -65,11 +65,11 @@ def measure(target, draft, block_sizes: list[int], min_run_time: float) -> list[
         def run():
             hidden = draft(embed(block), feats[:, CACHE - NEW_ROWS:], block_positions=positions[:, CACHE:CACHE + B],
                            context_positions=positions[:, CACHE - NEW_ROWS:CACHE], cache=cache)
-            draft_head.tokens(draft.compute_logits(hidden[0, 1:], draft_head).argmax(-1))
+            draft_head.greedy(hidden[0, 1:])
             cache.k, cache.v = [k for k, _ in kept], [v for _, v in kept]  # drop the rows just appended
         return run
 
-    heads = {"all": DraftHead(head.weight, head.bias, None, head.weight.shape[0])}
+    heads = {"all": DraftHead.whole(head)}
     if draft.draft_vocab is not None:  # and the drafter's own draft vocabulary
         heads[str(len(draft.draft_vocab))] = draft.draft_head(head)
     t1 = median_s(target_step(1), min_run_time)

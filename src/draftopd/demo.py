@@ -152,8 +152,8 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
     """
     from draftopd.data.rollouts import read_records
     from draftopd.evaluation.bench import TokenSequence, evaluate
-    from draftopd.io import write_json_atomic
     from draftopd.evaluation.metrics import tau_ratio
+    from draftopd.io import write_json_atomic
     from draftopd.training.onpolicy import offline_walks, text_features
 
     import torch

@@ -155,8 +155,16 @@ class DraftHead:
     vocab: torch.Tensor | None  # [V'] the token id of each row; None: row i is token i
     vocab_size: int  # V
 
+    @classmethod
+    def whole(cls, head: nn.Module) -> "DraftHead":
+        """The target's LM head as it is: every token."""
+        return cls(head.weight.detach(), getattr(head, "bias", None), None, head.weight.shape[0])
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V'], like the head module
         return F.linear(hidden, self.weight, self.bias)
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...] the drafts, as token ids
+        return self.tokens(self(hidden.to(self.weight.dtype)).argmax(-1))
 
     def tokens(self, rows: torch.Tensor) -> torch.Tensor:  # row indices -> token ids
         return rows if self.vocab is None else self.vocab[rows]
@@ -457,11 +465,12 @@ class DFlashDraftModel(PreTrainedModel):
     def draft_head(self, head: nn.Module) -> DraftHead:
         """The rows of the target's LM head that drafts are chosen from (a copy of V' rows: take it
         once per decode or walk, not per step)."""
-        weight, bias, vocab = head.weight.detach(), getattr(head, "bias", None), self.draft_vocab
-        if vocab is None:
-            return DraftHead(weight, bias, None, weight.shape[0])
-        vocab = vocab.to(weight.device)
-        return DraftHead(weight[vocab], None if bias is None else bias.detach()[vocab], vocab, weight.shape[0])
+        whole = DraftHead.whole(head)
+        if self.draft_vocab is None:
+            return whole
+        vocab = self.draft_vocab.to(whole.weight.device)
+        bias = None if whole.bias is None else whole.bias.detach()[vocab]
+        return DraftHead(whole.weight[vocab], bias, vocab, whole.vocab_size)
 
     def new_cache(self) -> ContextCache:
         return ContextCache(len(self.layers))

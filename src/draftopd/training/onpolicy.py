@@ -46,7 +46,7 @@ def progressive_accept(hidden: torch.Tensor, head: DraftHead, labels: torch.Tens
     for k in range(K):
         if alive.numel() == 0:
             break
-        pred = head.tokens(head(hidden[alive, k].to(head.weight.dtype)).argmax(-1))
+        pred = head.greedy(hidden[alive, k])
         ok = (pred == labels[alive, k]) & (labels[alive, k] >= 0)
         r[alive[ok]] += 1
         alive = alive[ok]

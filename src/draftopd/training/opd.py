@@ -347,7 +347,7 @@ class OPDStep:
             rows = rejected.nonzero(as_tuple=True)
             for s in range(0, rows[0].numel(), LOGIT_ROWS):
                 sel = tuple(t[s : s + LOGIT_ROWS] for t in rows)
-                drafts[sel] = head.tokens(head(hidden[sel].detach().to(head.weight.dtype)).argmax(-1))
+                drafts[sel] = head.greedy(hidden[sel].detach())
         return text_tok, drafts
 
     # -- 5. the teacher on the draft prefix ----------------------------------------------------
