@@ -175,3 +175,28 @@ def test_cpu_budget_clock_ignores_time_the_process_does_not_run(tiny_dir, tiny_r
         clocks[clock] = sched.elapsed()
     assert clocks["wall"] >= 0.3
     assert clocks["cpu"] < 0.15
+
+
+def test_several_rollout_directories_train_together_and_keep_each_held_out_share(tiny_dir, tiny_rollouts, tmp_path):
+    from draftopd.data.rollouts import read_records
+    from draftopd.training.batches import split_heldout, build_sequences, training_split
+
+    first = read_records(tiny_rollouts)
+    second = [Rollout(f"u:{i}", [5 + i, 6, 7], list(range(30 + i, 50 + i)), "length") for i in range(20)]
+    alone_train, alone_held = split_heldout(build_sequences(first, 64), 0.25, seed=3)
+    train_seqs, held = training_split({"a": first, "b": second}, 64, 0.25, seed=3)
+    # the first set splits exactly as it did alone: adding a set moves none of its held-out rollouts into training
+    assert [s.index for s in held[:len(alone_held)]] == [s.index for s in alone_held]
+    assert [s.index for s in train_seqs[:len(alone_train)]] == [s.index for s in alone_train]
+    assert sorted(s.index for s in train_seqs + held) == list(range(len(first) + len(second)))  # one feature-cache key each
+    assert len(held) == len(alone_held) + 5
+    with pytest.raises(DraftOPDError, match="^b: no usable rollouts"):
+        training_split({"a": first, "b": [Rollout("e:0", [1, 2], [2], "stop")]}, 64, 0.25, seed=3)
+
+    more = tmp_path / "more-rollouts"
+    write_rollouts(more, json.loads((tiny_rollouts / "meta.json").read_text()), second[:6])
+    res = train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "two", max_steps=2,
+                        **{"data.rollouts": [str(tiny_rollouts), str(more)]}))
+    assert json.loads((res.out_dir / "config.json").read_text())["data"]["rollouts"] == [str(tiny_rollouts), str(more)]
+    with pytest.raises(DraftOPDError, match="listed twice"):
+        cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "dup", **{"data.rollouts": [str(tiny_rollouts), str(tiny_rollouts) + "/"]})

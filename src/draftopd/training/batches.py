@@ -32,13 +32,13 @@ class Batch:
         return int(self.lengths.sum())
 
 
-def build_sequences(rollouts: list[Rollout], max_length: int) -> list[Sequence]:
+def build_sequences(rollouts: list[Rollout], max_length: int, first_index: int = 0) -> list[Sequence]:
     seqs = []
     for r in rollouts:
         ids = (list(r.prompt_ids) + list(r.response_ids))[:max_length]
         if len(ids) - len(r.prompt_ids) < 2:  # need an anchor and one label inside the response
             continue
-        seqs.append(Sequence(len(seqs), torch.tensor(ids, dtype=torch.long), len(r.prompt_ids)))
+        seqs.append(Sequence(first_index + len(seqs), torch.tensor(ids, dtype=torch.long), len(r.prompt_ids)))
     if not seqs:
         raise DraftOPDError(f"no usable rollouts: every response is empty or shorter than 2 tokens "
                             f"(or prompts exceed data.max_length={max_length})")
@@ -55,6 +55,22 @@ def split_heldout(seqs: list[Sequence], fraction: float, seed: int) -> tuple[lis
     held_set = set(held)
     train = [s for i, s in enumerate(seqs) if i not in held_set]
     return train, [seqs[i] for i in held]
+
+
+def training_split(rollout_sets: dict[str, list[Rollout]], max_length: int, fraction: float,
+                   seed: int) -> tuple[list[Sequence], list[Sequence]]:
+    """(train, held-out) over named rollout sets: each set is split on its own, as if it were the
+    only one, so a set's held-out rollouts stay held out when more sets join it; sequence indices
+    run on across the sets."""
+    train, held = [], []
+    for name, rollouts in rollout_sets.items():
+        try:
+            seqs = build_sequences(rollouts, max_length, first_index=len(train) + len(held))
+        except DraftOPDError as e:
+            raise DraftOPDError(f"{name}: {e}") from None
+        t, h = split_heldout(seqs, fraction, seed)
+        train, held = train + t, held + h
+    return train, held
 
 
 def collate(seqs: list[Sequence]) -> Batch:

@@ -25,9 +25,27 @@ class DraftConfig(Strict):
 
 
 class DataConfig(Strict):
-    rollouts: str = Field(..., description="rollout directory written by `draftopd rollout` (or write_rollouts)")
+    rollouts: str | list[str] = Field(..., min_length=1, description=(
+        "rollout directory written by `draftopd rollout` (or write_rollouts), or a list of them trained on "
+        "together; each keeps its own held-out share, so adding a directory never moves a held-out rollout "
+        "into training"))
     max_length: int = Field(1024, ge=8, description="truncate prompt+response to this many tokens")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="hold out this share of rollouts for offline tau")
+
+    @property
+    def rollout_dirs(self) -> list[str]:
+        return [self.rollouts] if isinstance(self.rollouts, str) else list(self.rollouts)
+
+    @model_validator(mode="after")
+    def _each_directory_once(self):
+        seen = {}
+        for d in self.rollout_dirs:
+            key = Path(d).resolve()
+            if key in seen:
+                raise ValueError(f"rollout directory {d!r} is listed twice (as {seen[key]!r}); "
+                                 "list each directory once")
+            seen[key] = d
+        return self
 
 
 class OptimConfig(Strict):

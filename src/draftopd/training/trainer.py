@@ -22,13 +22,13 @@ from draftopd.model.precision import hardware_record, parse_dtype
 from draftopd.model.target import Target, load_target
 from draftopd.seeds import stream
 from draftopd.training import parallel
-from draftopd.training.batches import BatchPlan, build_sequences, split_heldout
+from draftopd.training.batches import BatchPlan, training_split
 from draftopd.training.checkpointing import export_drafter, latest_checkpoint, load_trainer_state, save_checkpoint
 from draftopd.training.config import TrainConfig
 from draftopd.training.losses import implied_tau
 from draftopd.training.metrics_log import MetricsLog
 from draftopd.training.onpolicy import offline_tau
-from draftopd.training.opd import OPDStep
+from draftopd.training.opd import OPDStep, rollout_temperature
 from draftopd.training.sft import SFTStep
 from draftopd.training.step import Step, StepStats
 
@@ -147,9 +147,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     torch.manual_seed(cfg.seed)
 
     target = load_target(cfg.target, dtype=cfg.target_dtype, device=cfg.device)
-    meta, rollouts = load_rollouts(cfg.data.rollouts, expect_target=target.identity)
-    seqs = build_sequences(rollouts, cfg.data.max_length)
-    train_seqs, held = split_heldout(seqs, cfg.data.eval_fraction, cfg.seed)
+    loaded = {d: load_rollouts(d, expect_target=target.identity) for d in cfg.data.rollout_dirs}
+    train_seqs, held = training_split({d: rollouts for d, (_, rollouts) in loaded.items()}, cfg.data.max_length,
+                                      cfg.data.eval_fraction, cfg.seed)
+    meta = max((m for m, _ in loaded.values()), key=rollout_temperature)  # the step warns about the hottest set
     draft = _prepare_drafter(cfg, target, ckpt if resume else None)
     if cfg.gradient_checkpointing:
         draft.gradient_checkpointing_enable()
