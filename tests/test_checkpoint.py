@@ -56,6 +56,20 @@ def test_round_trip_and_trust_remote_code_give_identical_outputs(tmp_path):
     assert type(remote).__module__.startswith("transformers_modules")
     out = remote.spec_generate(target=target, input_ids=ids, max_new_tokens=24, stop_token_ids=None, temperature=0.0)
     assert out.tolist() == before.output_ids.tolist()
+    assert remote.draft_vocab is None
+
+
+def test_trust_remote_code_attaches_the_token_map(tmp_path):
+    target = tiny_target("llama")
+    draft = tiny_drafter(target, block_size=4)
+    draft.set_draft_vocab(torch.arange(40, 0, -1))  # reordered: row i is not token i
+    ids = torch.tensor([[5, 9, 33, 2, 7]])
+    before = spec_generate(draft, target, ids, 24)
+    path = save_drafter(draft, tmp_path / "d")
+    remote = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+    assert torch.equal(remote.draft_vocab, draft.draft_vocab)
+    out = remote.spec_generate(target=target, input_ids=ids, max_new_tokens=24, stop_token_ids=None, temperature=0.0)
+    assert out.tolist() == before.output_ids.tolist()
 
 
 def test_default_layer_ids_match_published_checkpoints():

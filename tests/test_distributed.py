@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from draftopd.model.checkpoint import load_drafter
-from draftopd.model.draft_vocab import TOKEN_MAP, write_token_map
+from draftopd.dflash import TOKEN_MAP, write_token_map
 from draftopd.training.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow

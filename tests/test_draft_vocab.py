@@ -7,10 +7,10 @@ import torch
 from helpers import tiny_drafter, tiny_target
 from draftopd.cli.main import main
 from draftopd.data.rollouts import Rollout, write_rollouts
-from draftopd.dflash import check_draft_vocab
+from draftopd.dflash import TOKEN_MAP, check_draft_vocab, read_token_map, write_token_map
 from draftopd.errors import DraftOPDError
 from draftopd.model.checkpoint import load_drafter, save_drafter
-from draftopd.model.draft_vocab import TOKEN_MAP, frequent_tokens, read_token_map, token_counts, write_token_map
+from draftopd.model.draft_vocab import frequent_tokens, token_counts
 
 
 def test_most_frequent_first_ties_by_id_and_unseen_tokens_left_out():

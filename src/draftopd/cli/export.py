@@ -9,7 +9,8 @@ def token_map(source: str, size: int | None, vocab_size: int):
     """(token ids or None, a line saying what they are) from `none`, a token map file or a rollout directory."""
     from draftopd.data.rollouts import load_rollouts
     from draftopd.errors import DraftOPDError
-    from draftopd.model.draft_vocab import frequent_tokens, read_token_map, token_counts
+    from draftopd.dflash import read_token_map
+    from draftopd.model.draft_vocab import frequent_tokens, token_counts
 
     if source == "none":
         return None, "token map: none (drafts from the whole vocabulary)"

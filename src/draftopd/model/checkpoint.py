@@ -4,8 +4,8 @@ A directory holds `config.json` (Qwen3 fields + `block_size`, `num_target_layers
 `dflash_config`), `model.safetensors` (unprefixed keys, no embedding/head) and `dflash.py`,
 a verbatim copy of `draftopd.dflash`, so SGLang, vLLM, the `dflash` package and
 `AutoModel.from_pretrained(dir, trust_remote_code=True)` all load it. It may also hold
-`token_map.pt`, a draft vocabulary (`draftopd.model.draft_vocab`): engines that do not read it
-draft from the whole vocabulary, with the same output.
+`token_map.pt`, a draft vocabulary (`draftopd.model.draft_vocab`), which remote code attaches
+too; engines that do not read it draft from the whole vocabulary, with the same output.
 
 Readers differ in what they read, so config.json says some things twice: top-level
 `rope_theta` and `rope_scaling` for transformers 4.x and older SGLang (which assume 1e4 and
@@ -26,10 +26,9 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3Config
 
 from draftopd import dflash, hub
-from draftopd.dflash import DFlashDraftModel, default_target_layer_ids
+from draftopd.dflash import TOKEN_MAP, DFlashDraftModel, default_target_layer_ids, read_token_map, write_token_map
 from draftopd.errors import DraftOPDError
 from draftopd.io import atomic_dir, check_output_dir
-from draftopd.model.draft_vocab import TOKEN_MAP, read_token_map, write_token_map
 
 if TYPE_CHECKING:
     from draftopd.model.target import Target

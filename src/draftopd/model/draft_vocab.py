@@ -8,8 +8,9 @@ draft that needed a rare token is lost (`DraftHead` in `draftopd.dflash`).
 
 On disk a drafter directory may hold `token_map.pt`: a 1-D int64 tensor of token ids, the
 format SGLang's `--speculative-token-map` reads (`torch.load(..., weights_only=True)`).
-`load_drafter` attaches it; `save_drafter` writes it back. We build it from the target's own
-responses (rollouts), the text the drafter is asked to predict.
+`draftopd.dflash` reads and writes it (remote code attaches it too); `load_drafter` attaches
+it, `save_drafter` writes it back. We build it here from the target's own responses
+(rollouts), the text the drafter is asked to predict.
 """
 
 from collections.abc import Iterable, Sequence
@@ -17,10 +18,7 @@ from pathlib import Path
 
 import torch
 
-from draftopd.dflash import check_draft_vocab
 from draftopd.errors import DraftOPDError
-
-TOKEN_MAP = "token_map.pt"
 
 
 def token_counts(sequences: Iterable[Sequence[int]], vocab_size: int) -> torch.Tensor:
@@ -42,25 +40,3 @@ def frequent_tokens(counts: torch.Tensor, size: int) -> tuple[torch.Tensor, floa
         raise DraftOPDError("no tokens to count: the rollouts hold no response tokens")
     order = torch.argsort(-counts, stable=True)[: min(size, seen)]
     return order, float(counts[order].sum()) / float(counts.sum())
-
-
-def read_token_map(path: str | Path, vocab_size: int) -> torch.Tensor:
-    """A token map file (a tensor or list of token ids) as a checked 1-D int64 tensor."""
-    path = Path(path)
-    try:
-        ids = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DraftOPDError(f"token map {path}: no such file") from None
-    except Exception as e:  # unpickling errors come in many types; all mean "not a token map"
-        raise DraftOPDError(f"token map {path}: unreadable ({type(e).__name__}); expected a tensor or list "
-                            "of token ids saved with torch.save") from None
-    if isinstance(ids, (list, tuple)) and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise DraftOPDError(f"token map {path}: expected a tensor or list of integer token ids")
-    if not isinstance(ids, (torch.Tensor, list, tuple)):
-        raise DraftOPDError(f"token map {path}: expected a tensor or list of token ids, got {type(ids).__name__}")
-    return check_draft_vocab(ids, vocab_size, where=f"token map {path}")
-
-
-def write_token_map(ids: torch.Tensor, path: str | Path) -> None:
-    """Save as SGLang reads it: one int64 tensor."""
-    torch.save(ids.detach().to(device="cpu", dtype=torch.long).clone(), Path(path))  # its own storage, not a view's

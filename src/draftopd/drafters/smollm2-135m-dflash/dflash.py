@@ -9,7 +9,7 @@ its command line prints a user error as one line).
 
 Contents: which target layers condition the drafter and how their states are gathered; the
 acceptance rules of one verify step (greedy, and speculative rejection sampling); the draft
-head (the LM-head rows of an optional draft vocabulary); the drafter (Qwen3-style layers whose
+head (the LM-head rows of an optional draft vocabulary, `token_map.pt`); the drafter (Qwen3-style layers whose
 keys/values also see the target's context; it borrows the target's embedding and LM head);
 `spec_generate`, the decode loop.
 
@@ -188,6 +188,30 @@ def check_draft_vocab(token_ids, vocab_size: int, where: str = "draft vocabulary
     if ids.unique().numel() != ids.numel():
         raise DraftOPDError(f"{where}: token ids repeat ({ids.numel()} ids, {ids.unique().numel()} distinct)")
     return ids
+
+
+TOKEN_MAP = "token_map.pt"  # a drafter directory's draft vocabulary, in the format SGLang's --speculative-token-map reads
+
+
+def read_token_map(path, vocab_size: int) -> torch.Tensor:
+    """A token map file (a tensor or list of token ids, saved with torch.save) as a checked 1-D int64 tensor."""
+    try:
+        ids = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DraftOPDError(f"token map {path}: no such file") from None
+    except Exception as e:  # unpickling errors come in many types; all mean "not a token map"
+        raise DraftOPDError(f"token map {path}: unreadable ({type(e).__name__}); expected a tensor or list "
+                            "of token ids saved with torch.save") from None
+    if isinstance(ids, (list, tuple)) and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise DraftOPDError(f"token map {path}: expected a tensor or list of integer token ids")
+    if not isinstance(ids, (torch.Tensor, list, tuple)):
+        raise DraftOPDError(f"token map {path}: expected a tensor or list of token ids, got {type(ids).__name__}")
+    return check_draft_vocab(ids, vocab_size, where=f"token map {path}")
+
+
+def write_token_map(ids: torch.Tensor, path) -> None:
+    """Save as SGLang reads it: one int64 tensor."""
+    torch.save(ids.detach().to(device="cpu", dtype=torch.long).clone(), path)  # its own storage, not a view's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +475,20 @@ class DFlashDraftModel(PreTrainedModel):
         if self.draft_vocab is not None and int(self.draft_vocab.max()) >= emb.shape[0]:
             raise DraftOPDError(f"drafter draft vocabulary has token id {int(self.draft_vocab.max())}, outside the "
                                 f"target vocabulary 0..{emb.shape[0] - 1}")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader, plus the draft vocabulary (`token_map.pt`) when the checkpoint has one,
+        so remote-code users draft from it too."""
+        from transformers.utils import cached_file
+
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+        path = cached_file(pretrained_model_name_or_path, TOKEN_MAP, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **hub)
+        if path is not None:
+            model.set_draft_vocab(read_token_map(path, model.config.vocab_size))
+        return model
 
     def compute_logits(self, hidden: torch.Tensor, head) -> torch.Tensor:
         """Score drafted positions with the target's LM head or a `draft_head` ([..., H] -> [..., V or V']),
