@@ -19,65 +19,25 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from torch.utils.benchmark import Timer
-from transformers import DynamicCache
-
-from draftopd.decoding.speculative import cache_kwarg, crop_cache
+from draftopd.decoding.costs import CONTEXT, StepTimers, median_seconds
 from draftopd.model.checkpoint import load_drafter
-from draftopd.model.drafter import ContextCache, DraftHead, context_features
+from draftopd.model.drafter import DraftHead
 from draftopd.model.precision import hardware_record
 from draftopd.model.target import load_target
 
-CACHE = 200  # tokens already in the KV caches
-NEW_ROWS = 2  # context rows a drafter step appends (tau of the step before)
 
-
-def median_s(fn, min_run_time: float) -> float:
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
-
-
-@torch.inference_mode()
 def measure(target, draft, block_sizes: list[int], min_run_time: float) -> list[dict]:
-    model, dev = target.model, target.device
-    ids = torch.randint(100, 10_000, (1, CACHE + max(block_sizes)), device=dev)
-    model_cache = DynamicCache(config=model.config)
-    kv = {cache_kwarg(model): model_cache}  # the KV-cache keyword this transformers version takes
-    out = model(input_ids=ids[:, :CACHE], **kv, use_cache=True, output_hidden_states=True)
-    feats = context_features(out.hidden_states, draft.target_layer_ids)  # [1, CACHE, F]
-    positions = torch.arange(CACHE + max(block_sizes) + NEW_ROWS, device=dev)[None]
-
-    def target_step(n: int):
-        def run():
-            model(input_ids=ids[:, CACHE:CACHE + n], position_ids=positions[:, CACHE:CACHE + n],
-                  **kv, use_cache=True, output_hidden_states=n > 1)
-            crop_cache(model_cache, CACHE)
-        return run
-
-    cache = ContextCache(len(draft.layers))
-    draft(model.get_input_embeddings()(ids[:, :1]), feats[:, :CACHE - NEW_ROWS], block_positions=positions[:, :1],
-          context_positions=positions[:, :CACHE - NEW_ROWS], cache=cache)
-    kept = list(zip(cache.k, cache.v))
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-
-    def draft_step(B: int, draft_head):
-        block = torch.full((1, B), draft.mask_token_id, device=dev)
-        def run():
-            hidden = draft(embed(block), feats[:, CACHE - NEW_ROWS:], block_positions=positions[:, CACHE:CACHE + B],
-                           context_positions=positions[:, CACHE - NEW_ROWS:CACHE], cache=cache)
-            draft_head.greedy(hidden[0, 1:])
-            cache.k, cache.v = [k for k, _ in kept], [v for _, v in kept]  # drop the rows just appended
-        return run
-
+    timers = StepTimers(target.model, draft, max(block_sizes))
+    head = target.model.get_output_embeddings()
     heads = {"all": DraftHead.whole(head)}
     if draft.draft_vocab is not None:  # and the drafter's own draft vocabulary
         heads[str(len(draft.draft_vocab))] = draft.draft_head(head)
-    t1 = median_s(target_step(1), min_run_time)
+    t1 = median_seconds(timers.target_step(1), min_run_time)
     rows = []
     for B in block_sizes:
-        tb = median_s(target_step(B), min_run_time)
+        tb = median_seconds(timers.target_step(B), min_run_time)
         for name, draft_head in heads.items():
-            td = median_s(draft_step(B, draft_head), min_run_time)
+            td = median_seconds(timers.draft_step(B, draft_head), min_run_time)
             rows.append({"block_size": B, "draft_vocab": name, "t1_ms": t1 * 1e3, "tB_ms": tb * 1e3,
                          "tdraft_ms": td * 1e3, "verify_ratio": tb / t1, "break_even_tau": (tb + td) / t1,
                          "tau_for_2x": 2 * (tb + td) / t1})
@@ -97,7 +57,7 @@ def main() -> None:
     hw = hardware_record(target.dtype, target.device)
     rows = measure(target, draft, [int(b) for b in args.block_sizes.split(",")], args.min_run_time)
     print(f"{args.target}, drafter {args.drafter} ({len(draft.layers)} layers), {hw['dtype']} on "
-          f"{hw.get('cpu_capability') or hw.get('gpu')}, {hw['threads']} threads, cache {CACHE} tokens")
+          f"{hw.get('cpu_capability') or hw.get('gpu')}, {hw['threads']} threads, cache {CONTEXT} tokens")
     print(f"{'B':>3} {'draft vocab':>11} {'T_1 ms':>8} {'T_B ms':>8} {'T_draft ms':>11} {'T_B/T_1':>8} "
           f"{'break-even tau':>15} {'tau for 2x':>11}")
     for r in rows:

@@ -5,7 +5,7 @@ import torch
 
 from helpers import tiny_drafter, tiny_target
 from draftopd.decoding.sampling import sampling_probs
-from draftopd.decoding.speculative import spec_generate
+from draftopd.decoding.speculative import VerifyCosts, spec_generate
 from draftopd.errors import DraftOPDError
 from draftopd.model.drafter import DFlashDraftModel
 
@@ -118,6 +118,47 @@ def test_sampling_first_tokens_follow_target_distribution(draft_vocab):
     tv = 0.5 * sum(abs(counts.get(k, 0) / n - exact.get(k, 0)) for k in set(exact) | set(counts))
     assert set(counts) <= set(exact)
     assert tv < 0.06, tv  # sampling noise at n=1500 over <= 9 cells is ~0.03
+
+
+def test_verify_size_weighs_expected_tokens_against_this_machines_costs():
+    flat = VerifyCosts(draft=0.002, verify=[0.030, 0.030, 0.031, 0.031])  # a bf16 CPU or a GPU: width is ~free
+    steep = VerifyCosts(draft=0.006, verify=[0.041, 0.068, 0.083, 0.064])  # AVX2 fp32 (measured, B = 4)
+    assert flat.verify_size([0.3, 0.3, 0.3]) == 4  # even doubtful drafts are worth verifying
+    assert flat.verify_size([0.0, 0.0, 0.0]) == 1
+    assert steep.verify_size([0.05, 0.05, 0.05]) == 1
+    assert steep.verify_size([0.95, 0.9, 0.9]) == 4
+    assert steep.verify_size([0.95, 0.1, 0.1]) == 4  # 2.05 tokens expected for 1.5x the time of one
+    assert steep.verify_size([0.3, 0.1, 0.1]) == 1  # 1.33 tokens expected: not worth 1.5x
+    sizes = [steep.verify_size([c] * 3) for c in (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)]
+    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == 4
+    assert steep.verify_size([0.9]) in (1, 2)  # never more than the drafts there are, plus the anchor
+
+
+class SwingingDrafter(DFlashDraftModel):
+    """Alternately very sure and very unsure of its drafts, so an adaptive verify varies its width."""
+
+    calls = 0
+
+    def compute_logits(self, hidden, head):
+        SwingingDrafter.calls += 1
+        return super().compute_logits(hidden, head) * (100.0 if SwingingDrafter.calls % 2 else 0.01)
+
+
+@pytest.mark.parametrize("tiny_pair", ["llama"], indirect=True)
+def test_adaptive_verify_stays_lossless(tiny_pair):
+    target, draft = tiny_pair
+    swinging = SwingingDrafter(draft.config)
+    swinging.load_state_dict(draft.state_dict())
+    costs = VerifyCosts(draft=0.0, verify=[1.0, 1.3, 1.5, 1.7])
+    for seed in range(3):
+        ids = torch.randint(1, 150, (1, 5 + seed), generator=torch.Generator().manual_seed(seed))
+        res = spec_generate(swinging.eval(), target, ids, 33, verify_costs=costs)
+        assert res.output_ids.tolist() == greedy_reference(target, ids, 33).tolist()
+        assert {1, 4} <= set(res.verify_sizes)
+        assert all(a <= s for a, s in zip(res.acceptance_lengths, res.verify_sizes))
+    full = spec_generate(swinging.eval(), target, ids, 33)
+    assert full.verify_sizes[0] == 4 and full.verify_sizes == sorted(full.verify_sizes, reverse=True)  # narrower only at the length cut
+    assert full.output_ids.tolist() == res.output_ids.tolist()
 
 
 def test_bad_input_errors(tiny_pair):

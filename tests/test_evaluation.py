@@ -223,3 +223,23 @@ def test_tau_ratio_over_seeds_widens_when_one_training_run_disagrees():
     assert lo > 1.05  # every seed 10% better: the interval stays clear of 1
     ratio, lo, hi = tau_ratio([better, better, base], [base, base, base])  # one seed gained nothing
     assert lo <= 1.0 < ratio < hi
+
+
+def test_adaptive_verify_runs_beside_full_blocks_and_stays_lossless(smollm, tmp_path):
+    """--verify both on the shipped drafter: the adaptive twin measures this machine's costs, decodes
+    the same greedy text, verifies 1..B tokens a step, and is not walked (walks verify whole blocks)."""
+    shipped = load_drafter("smollm2-135m-dflash")
+    results = evaluate(smollm, {"shipped": shipped}, ["gsm8k"], samples=1, max_new_tokens=24, out_dir=tmp_path / "out",
+                       progress=False, verify="both")
+    assert list(results["summary"]) == ["shipped", "shipped adaptive"]
+    costs = results["config"]["verify_costs"]
+    assert costs["shipped"] is None and len(costs["shipped adaptive"]["verify_ms"]) == shipped.block_size
+    assert all(t > 0 for t in costs["shipped adaptive"]["verify_ms"]) and costs["shipped adaptive"]["draft_ms"] > 0
+    full, adaptive = (results["summary"][n]["gsm8k"] for n in ("shipped", "shipped adaptive"))
+    assert full["greedy_mismatches"] == adaptive["greedy_mismatches"] == 0
+    assert full["verify_size"] > 1 and 1 <= adaptive["verify_size"] <= shipped.block_size
+    runs = {r["drafter"]: r for r in results["samples"] if r["method"] == "draft"}
+    assert runs["shipped"]["output_ids"] == runs["shipped adaptive"]["output_ids"]
+    assert runs["shipped adaptive"]["offline_lengths"] is None and runs["shipped"]["offline_lengths"] is not None
+    with pytest.raises(DraftOPDError, match="verify must be one of full, adaptive, both"):
+        evaluate(smollm, {"shipped": shipped}, ["gsm8k"], samples=1, out_dir=tmp_path / "bad", verify="sometimes")

@@ -3,6 +3,7 @@
 import torch
 
 from draftopd.decoding.sampling import greedy_accept, rejection_accept, sampling_probs
+from draftopd.decoding.speculative import VerifyCosts
 
 
 def test_greedy_accept_counts_prefix_and_returns_target_token():
@@ -93,10 +94,15 @@ MARKOV = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7], [0.3, 0.5, 0.2]])  # p(
 DRAFT = torch.tensor([[0.5, 0.4, 0.1], [0.2, 0.2, 0.6], [0.1, 0.6, 0.3]])  # q at offsets 1..3
 
 
-def _worst_conditional_chi2(accept, n: int = 6000, T: int = 4) -> float:
+def _all_drafts(drafts: list[int], previous: int) -> int:
+    return len(drafts) + 1
+
+
+def _worst_conditional_chi2(accept, n: int = 6000, T: int = 4, verify=_all_drafts) -> float:
     """Decode n sequences of T tokens (after token 0) by blocks of 3 drafts and `accept`, each step
-    committing r drafts + the rule's token; for every position j and every prefix seen >= 100 times,
-    chi-square of the committed x_j against the target's p(. | prefix). Returns the worst cell."""
+    verifying the first `verify(drafts, previous token) - 1` drafts and committing r of them + the
+    rule's token; for every position j and every prefix seen >= 100 times, chi-square of the
+    committed x_j against the target's p(. | prefix). Returns the worst cell."""
     g = torch.Generator().manual_seed(0)
     pool = torch.stack([torch.multinomial(q, n * T, replacement=True, generator=g) for q in DRAFT], 1).tolist()
     seqs = []
@@ -104,7 +110,9 @@ def _worst_conditional_chi2(accept, n: int = 6000, T: int = 4) -> float:
         seq, steps = [], iter(pool[i * T : (i + 1) * T])  # a step commits >= 1 token: T steps suffice
         while len(seq) < T:
             d = next(steps)
-            r, nxt = accept(torch.tensor(d), MARKOV[[seq[-1] if seq else 0] + d], DRAFT, g)
+            prev = seq[-1] if seq else 0
+            d = d[: verify(d, prev) - 1]
+            r, nxt = accept(torch.tensor(d, dtype=torch.long), MARKOV[[prev] + d], DRAFT[: len(d)], g)
             seq += d[:r] + [nxt]
         seqs.append(tuple(seq[:T]))
     worst = 0.0
@@ -126,3 +134,31 @@ def test_rejection_sampling_commits_the_targets_distribution_at_every_position()
     assert _worst_conditional_chi2(_planted()) < CHI2_MAX  # an independent correct rule passes too
     for name, wrong in WRONG.items():
         assert _worst_conditional_chi2(wrong) > CHI2_MAX, name
+
+
+def test_verifying_a_prefix_chosen_before_drafting_keeps_the_targets_distribution():
+    """`VerifyCosts` cuts a block by the drafter's distributions (their peaks), which DFlash computes
+    for the whole block before any draft is drawn: still the target's law at every position. A cut
+    by the drawn drafts' own probabilities is biased (the drafts it keeps no longer follow q), and
+    so is one that peeks at the target; the same check sees both."""
+    costs = VerifyCosts(draft=0.0, verify=[1.0, 1.3, 1.5, 1.7])
+    peaks = torch.tensor([[0.9, 0.9, 0.9], [0.2, 0.2, 0.2], [0.6, 0.5, 0.2]])  # per context (previous token)
+
+    def adaptive(d, prev):
+        return costs.verify_size(peaks[prev].tolist())
+
+    def by_drawn_probability(d, prev):
+        return costs.verify_size([float(DRAFT[i, x]) for i, x in enumerate(d)])
+
+    def peeking(d, prev):
+        sure = 0
+        for i, x in enumerate(d):
+            if MARKOV[[prev] + d][i, x] < DRAFT[i, x]:
+                break
+            sure += 1
+        return sure + 1
+
+    assert sorted(adaptive(None, prev) for prev in range(3)) == [1, 3, 4]  # the cut really varies
+    assert _worst_conditional_chi2(rejection_accept, verify=adaptive) < CHI2_MAX
+    assert _worst_conditional_chi2(rejection_accept, verify=by_drawn_probability) > CHI2_MAX
+    assert _worst_conditional_chi2(rejection_accept, verify=peeking) > CHI2_MAX

@@ -5,6 +5,7 @@ import sys
 
 from draftopd.cli import DTYPE_CHOICES, DTYPE_HELP
 from draftopd.data.prompts import hub_dataset
+from draftopd.evaluation import VERIFY_MODES
 from draftopd.evaluation.paper import PRESET, TASKS, paper_samples
 
 SAMPLES = 8
@@ -68,7 +69,8 @@ def cmd_eval(args) -> None:
     res = evaluate(target, drafts, benches, samples=samples, temperature=args.temperature,
                    max_new_tokens=args.max_new_tokens, block_size=args.block_size, thinking=args.thinking,
                    max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, out_dir=args.out, resume=args.resume,
-                   overwrite=args.overwrite, offline_rollouts=args.offline_rollouts, preset=preset)
+                   overwrite=args.overwrite, offline_rollouts=args.offline_rollouts, preset=preset,
+                   verify=args.verify)
     for name, m in res["mean"].items():
         speed = "–" if m["speedup"] is None else f"{m['speedup']:.2f}x"
         print(f"{name}: mean speedup {speed} | mean tau {m['tau']:.2f}")
@@ -113,6 +115,11 @@ def register(sub) -> None:
     s.add_argument("--out", default="runs/eval", help="output directory (default %(default)s)")
     s.add_argument("--resume", action="store_true", help="skip runs already in OUT/samples.jsonl")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in OUT")
+    s.add_argument("--verify", choices=VERIFY_MODES, default="full",
+                   help="full: verify every drafted block whole (tau as published; default); adaptive: measure "
+                        "this machine's verify cost per width first, then verify only the drafts whose expected "
+                        "acceptance pays for it (faster where a wider verify costs more, e.g. fp32 CPUs); both: "
+                        "each drafter both ways, the adaptive one named 'NAME adaptive'")
     s.add_argument("--offline-rollouts", default=None, metavar="DIR",
                    help="also report offline tau (exact greedy, no decoding) on this target's cached rollouts")
     s.set_defaults(func=cmd_eval)

@@ -12,6 +12,7 @@ def cmd_generate(args) -> None:
     import torch
 
     from draftopd.data.prompts import apply_chat_template
+    from draftopd.decoding.costs import measure_verify_costs
     from draftopd.decoding.speculative import spec_generate
     from draftopd.model.checkpoint import load_drafter
     from draftopd.model.target import load_target, stop_token_ids
@@ -33,20 +34,28 @@ def cmd_generate(args) -> None:
         print(text[len(shown[0]):], end="", flush=True)
         shown[0] = text
 
+    costs = None
+    if args.verify == "adaptive" and (args.block_size or draft.block_size) > 1:
+        costs = measure_verify_costs(target.model, draft, args.block_size)
+        if not args.json:
+            print(f"[verify costs here: drafter {costs.draft * 1e3:.1f} ms, target over 1..{len(costs.verify)} tokens "
+                  f"{' / '.join(f'{t * 1e3:.1f}' for t in costs.verify)} ms]", file=sys.stderr)
     res = spec_generate(draft, target, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, stop_token_ids=stop_token_ids(tok, target.model.generation_config),
-                        block_size=args.block_size, generator=gen, on_tokens=None if args.json else stream)
+                        block_size=args.block_size, generator=gen, on_tokens=None if args.json else stream,
+                        verify_costs=costs)
     new = res.output_ids[0, res.num_input_tokens:].tolist()
     text = tok.decode(new, skip_special_tokens=True)
     tps = 1 / res.time_per_output_token if res.time_per_output_token else 0.0
     if args.json:
         print(json.dumps({"output_ids": res.output_ids[0].tolist(), "generated_ids": new, "text": text,
-                          "acceptance_lengths": res.acceptance_lengths, "tau": res.tau,
+                          "acceptance_lengths": res.acceptance_lengths, "verify_sizes": res.verify_sizes, "tau": res.tau,
                           "num_output_tokens": res.num_output_tokens, "time_to_first_token": res.time_to_first_token,
                           "time_per_output_token": res.time_per_output_token}))
         return
     print()
-    print(f"\n[tau={res.tau:.2f} over {len(res.acceptance_lengths)} verify steps | {res.num_output_tokens} tokens "
+    width = f", {sum(res.verify_sizes) / max(len(res.verify_sizes), 1):.2f} tokens verified per step" if costs else ""
+    print(f"\n[tau={res.tau:.2f} over {len(res.acceptance_lengths)} verify steps{width} | {res.num_output_tokens} tokens "
           f"| {tps:.1f} tok/s | ttft {res.time_to_first_token * 1000:.0f} ms]", file=sys.stderr)
 
 
@@ -64,6 +73,10 @@ def register(sub) -> None:
     s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="chat template thinking switch for targets that have one (Qwen3)")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=f"{DTYPE_HELP} (default %(default)s)")
+    s.add_argument("--verify", choices=("adaptive", "full"), default="adaptive",
+                   help="adaptive (default): time this machine's verify passes first (~1 s), then verify only the "
+                        "drafts whose expected acceptance pays for the wider pass; full: every block whole. "
+                        "The output is the same either way")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     s.set_defaults(func=cmd_generate)

@@ -7,5 +7,5 @@ carries as its remote code, so `AutoModel.from_pretrained(dir, trust_remote_code
 code cannot import draftopd, and its callers hold the bare model.
 """
 
-from draftopd.dflash import VERIFY_ROWS, SpecResult, crop_cache, spec_generate  # noqa: F401
+from draftopd.dflash import VERIFY_ROWS, SpecResult, VerifyCosts, crop_cache, spec_generate  # noqa: F401
 from draftopd.dflash import _cache_kwarg as cache_kwarg  # noqa: F401  (the KV-cache keyword a forward takes)

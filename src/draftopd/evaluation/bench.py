@@ -22,6 +22,7 @@ from draftopd.data.prompts import Prompt, apply_chat_template, hub_dataset, load
 from draftopd.data.rollouts import RolloutSettings, generation_config, pad_token_id
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
+from draftopd.evaluation import VERIFY_MODES
 from draftopd.evaluation.metrics import mean_tau, speedup, summarize_runs
 from draftopd.hub import HUB_TIMEOUT_S, offline
 from draftopd.io import check_output_dir, holds
@@ -186,21 +187,23 @@ class Runner:
     """Decodes one prompt with every method; knows the decoding settings shared by all runs."""
 
     def __init__(self, target, drafters: dict, block_sizes: dict[str, int], *, temperature: float,
-                 max_new_tokens: int, seed: int):
+                 max_new_tokens: int, seed: int, verify_costs: dict | None = None):
         self.target, self.drafters, self.block_sizes = target, drafters, block_sizes
+        self.verify_costs = verify_costs or {}  # name -> VerifyCosts (adaptive verify) or None (whole blocks)
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
         self.stops = target.stop_token_ids
         self.pad_id = pad_token_id(target.tokenizer, self.stops)
 
-    def loop(self, draft, ids: torch.Tensor, block_size: int, seed: int, max_new_tokens: int | None = None) -> dict:
+    def loop(self, draft, ids: torch.Tensor, block_size: int, seed: int, max_new_tokens: int | None = None,
+             verify_costs=None) -> dict:
         """spec_generate; block_size 1 (and no drafter) is the target alone."""
         gen = torch.Generator(device=self.target.device).manual_seed(seed)
         res = spec_generate(draft, self.target, ids, max_new_tokens or self.max_new_tokens,
                             temperature=self.temperature, stop_token_ids=self.stops, block_size=block_size,
-                            generator=gen)
+                            generator=gen, verify_costs=verify_costs)
         return {"output_ids": res.output_ids[0, res.num_input_tokens:].tolist(),
                 "num_input_tokens": res.num_input_tokens, "num_output_tokens": res.num_output_tokens,
-                "acceptance_lengths": res.acceptance_lengths, "tau": res.tau,
+                "acceptance_lengths": res.acceptance_lengths, "verify_sizes": res.verify_sizes, "tau": res.tau,
                 "time_to_first_token": res.time_to_first_token, "time_per_output_token": res.time_per_output_token}
 
     @torch.inference_mode()
@@ -225,7 +228,7 @@ class Runner:
         self.loop(None, ids, 1, self.seed, n)
         self.hf_generate(ids, self.seed, n)
         for name, draft in self.drafters.items():
-            self.loop(draft, ids, self.block_sizes[name], self.seed, n)
+            self.loop(draft, ids, self.block_sizes[name], self.seed, n, self.verify_costs.get(name))
 
     def sample(self, log: SampleLog, bench: str, sample_id: str, prompt_ids: list[int]) -> None:
         """Every method not yet in `log` on one prompt; greedy drafter runs are also checked
@@ -242,12 +245,13 @@ class Runner:
         for name, draft in self.drafters.items():
             if log.get(bench, sample_id, DRAFT, name) is not None:
                 continue
-            B = self.block_sizes[name]
-            rec = {**head, "method": DRAFT, "drafter": name, "block_size": B, **self.loop(draft, ids, B, seed)}
+            B, costs = self.block_sizes[name], self.verify_costs.get(name)
+            rec = {**head, "method": DRAFT, "drafter": name, "block_size": B, **self.loop(draft, ids, B, seed,
+                                                                                           verify_costs=costs)}
             if self.temperature == 0:
                 rec["match"] = rec["output_ids"] == base
                 rec["offline_lengths"] = None
-                if B == draft.block_size:  # the walk drafts full blocks of the drafter's own size
+                if B == draft.block_size and costs is None:  # the walk drafts and verifies whole blocks
                     seq = TokenSequence(torch.tensor(prompt_ids + base), len(prompt_ids))
                     rec["offline_lengths"] = offline_walks(draft, self.target.model, [seq])[0].lengths
             log.add(rec)
@@ -276,6 +280,8 @@ def summarize(records: list[dict], benches: list[str], block_sizes: dict[str, in
             s["offline_tau"] = mean_tau([r["offline_lengths"] for r in walked])[1] if walked else None
             s["offline_agree"] = sum(r["offline_lengths"] == r["acceptance_lengths"] for r in walked)
             s["offline_samples"] = len(walked)
+            verified = [n for r in rs for n in r.get("verify_sizes") or []]
+            s["verify_size"] = sum(verified) / len(verified) if verified else None  # tokens verified per step
             summary[name][b] = s
 
         def avg(key):
@@ -320,7 +326,7 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
              temperature: float = 0.0, max_new_tokens: int = 256, block_size: int | None = None,
              thinking: bool | None = None, max_prompt_tokens: int | None = None, seed: int = 0,
              out_dir="runs/eval", resume: bool = False, offline_rollouts=None, progress: bool = True,
-             overwrite: bool = False, preset: str | None = None) -> dict:
+             overwrite: bool = False, preset: str | None = None, verify: str = "full") -> dict:
     """Evaluate drafters (name -> model, moved to the target's device and dtype) on benchmarks.
 
     `samples` is the number of prompts per benchmark, or a count for each. `preset` ("paper",
@@ -330,7 +336,9 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
     as samples with id suffix ":turnN". `offline_rollouts` (a rollout directory of this target)
     adds the exact greedy tau of each drafter on those cached responses, without decoding.
     An earlier evaluation in `out_dir` is continued (`resume`) or replaced (`overwrite`), never
-    silently; a directory holding anything else is refused.
+    silently; a directory holding anything else is refused. `verify`: "full" verifies whole
+    blocks (tau as published), "adaptive" only the drafts that pay on this machine (measured
+    `VerifyCosts`), "both" runs each drafter both ways, the adaptive one named "NAME adaptive".
     """
     from draftopd.evaluation.report import write_report
 
@@ -348,6 +356,8 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
         raise DraftOPDError("need at least one drafter and one benchmark")
     if len(set(benches)) != len(benches):
         raise DraftOPDError(f"a benchmark is listed twice: {benches}")
+    if verify not in VERIFY_MODES:
+        raise DraftOPDError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
     for name, draft in drafters.items():
         check_drafter(draft, target, name)
         draft.to(device=target.device, dtype=target.dtype).eval()
@@ -358,12 +368,15 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
     settings = {"target": target.identity, "dtype": dtype_name(target.dtype),
                 "device": str(target.device), "hardware": hardware_record(target.dtype, target.device),
                 "temperature": temperature, "max_new_tokens": max_new_tokens,
-                "block_size": block_size, "thinking": thinking, "max_prompt_tokens": max_prompt_tokens, "seed": seed}
+                "block_size": block_size, "thinking": thinking, "max_prompt_tokens": max_prompt_tokens, "seed": seed,
+                "verify": verify}
     out = Path(out_dir)
     check_eval_dir(out, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     log = SampleLog(out, settings, resume)
-    runner = Runner(target, drafters, sizes, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    drafters, sizes, costs = _verify_variants(target, drafters, sizes, verify)
+    runner = Runner(target, drafters, sizes, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                    verify_costs=costs)
     ids = [(b, i) for b in benches for p in prompts[b] for i in _sample_ids(p)]  # this run's samples, in order
     methods = [(LOOP, None), (HF, None)] + [(DRAFT, n) for n in drafters]
     t0 = time.perf_counter()
@@ -380,13 +393,31 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
                           "draft_vocab": {n: None if d.draft_vocab is None else len(d.draft_vocab)
                                           for n, d in drafters.items()},
                           "offline_rollouts": str(offline_rollouts) if offline_rollouts else None,
+                          "verify_costs": {n: None if c is None else {"draft_ms": c.draft * 1e3,
+                                                                       "verify_ms": [t * 1e3 for t in c.verify]}
+                                           for n, c in costs.items()},
                           "seconds": time.perf_counter() - t0},
                **summarize(records, list(benches), sizes),
-               "offline_rollouts": ({name: offline_tau(d, target.model, rollouts) for name, d in drafters.items()}
-                                    if rollouts else None),
+               "offline_rollouts": ({name: offline_tau(d, target.model, rollouts) for name, d in drafters.items()
+                                     if costs[name] is None} if rollouts else None),
                "samples": records}
     write_report(out, results)
     return results
+
+
+def _verify_variants(target, drafters: dict, sizes: dict, verify: str) -> tuple[dict, dict, dict]:
+    """(drafters, block sizes, verify costs) by name for the `verify` mode; "both" adds an
+    adaptive twin of each drafter. Costs are measured here, once per drafter and block size."""
+    from draftopd.decoding.costs import measure_verify_costs
+
+    if verify == "full":
+        return drafters, sizes, dict.fromkeys(drafters)
+    measured = {n: measure_verify_costs(target.model, d, sizes[n]) for n, d in drafters.items()}
+    if verify == "adaptive":
+        return drafters, sizes, measured
+    twin = {n: f"{n} adaptive" for n in drafters}
+    return ({**drafters, **{twin[n]: d for n, d in drafters.items()}}, {**sizes, **{twin[n]: b for n, b in sizes.items()}},
+            {**dict.fromkeys(drafters), **{twin[n]: c for n, c in measured.items()}})
 
 
 def _running_tau(log: SampleLog, bench: str, done: list[str], drafters: dict) -> str:

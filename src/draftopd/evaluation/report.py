@@ -85,6 +85,17 @@ def _published_note(results: dict) -> list[str]:
     return [note, ""]
 
 
+def _verify_note(c: dict) -> list[str]:
+    """How wide the verify passes were: whole blocks, or adaptive with the costs measured here."""
+    measured = {n: v for n, v in (c.get("verify_costs") or {}).items() if v}
+    if not measured:
+        return []
+    costs = "; ".join(f"{n}: drafter {v['draft_ms']:.1f} ms, verify of 1..{len(v['verify_ms'])} tokens "
+                      + " / ".join(f"{t:.1f}" for t in v["verify_ms"]) + " ms" for n, v in measured.items())
+    return [f"Adaptive verify: these drafters verify only the drafts whose expected acceptance pays for the wider "
+            f"pass, by the costs measured here ({costs}).", ""]
+
+
 def markdown(results: dict) -> str:
     c = results["config"]
     mode = "greedy" if c["temperature"] == 0 else f"sampling at temperature {c['temperature']}"
@@ -94,7 +105,7 @@ def markdown(results: dict) -> str:
         f"tokens; {_samples_text(results)}, plus one sample per later turn of "
         "multi-turn prompts; block size " + ", ".join(f"{n}: {B}" for n, B in c["drafters"].items())
         + "".join(f"; draft vocabulary (token map) {n}: {v or 'all'} tokens" for n, v in c.get("draft_vocab", {}).items())
-        + ".", "",
+        + ".", "", *_verify_note(c),
         "Cells: speedup in time per output token over the target alone in the same decoding loop "
         "(block size 1) / τ, the mean acceptance length (tokens committed per verify step, token-weighted).", "",
         *_paper_table(results, "speedup"), "", *_published_note(results),
@@ -113,13 +124,13 @@ def markdown(results: dict) -> str:
     for n, b, s in checks:
         offline = "–" if not s["offline_samples"] else \
             f"{_f(s['offline_tau'])} ({s['offline_agree']}/{s['offline_samples']} walks equal)"
-        rows.append([n, b, str(s["block_size"]), str(s["samples"]), str(s["output_tokens"]), _f(s["tau"]),
+        rows.append([n, b, str(s["block_size"]), _f(s.get("verify_size")), str(s["samples"]), str(s["output_tokens"]), _f(s["tau"]),
                      _f(s["tau_per_sample_mean"]), _f(s["time_per_output_token"] * 1e3, 1), _f(s["tokens_per_s"], 1),
                      _x(s["speedup"]), _x(s["speedup_hf"]),
                      "–" if s["greedy_mismatches"] is None else str(s["greedy_mismatches"]), offline])
-    lines += _table(["Drafter", "Benchmark", "B", "Samples", "Tokens", "τ", "τ (per-sample mean)", "ms/token",
-                     "tok/s", "Speedup (loop)", "Speedup (HF)", "Greedy mismatches", "Offline τ (decoded text)"],
-                    rows, "llrrrrrrrrrrr")
+    lines += _table(["Drafter", "Benchmark", "B", "Verified/step", "Samples", "Tokens", "τ", "τ (per-sample mean)",
+                     "ms/token", "tok/s", "Speedup (loop)", "Speedup (HF)", "Greedy mismatches",
+                     "Offline τ (decoded text)"], rows, "llrrrrrrrrrrrr")
     lines += ["", "## Target alone", ""]
     rows = [[b, str(s["loop"]["output_tokens"]), _f(s["loop"]["time_per_output_token"] * 1e3, 1),
              _f(s["loop"]["tokens_per_s"], 1), _f(s["hf"]["time_per_output_token"] * 1e3, 1),

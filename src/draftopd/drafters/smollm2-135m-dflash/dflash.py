@@ -541,11 +541,38 @@ class DFlashDraftModel(PreTrainedModel):
 
 
 @dataclass
+class VerifyCosts:
+    """What one decode step costs on this machine: the drafter's pass, and the target verifying
+    s = 1..B tokens (seconds). Where a wider verify costs more (an fp32 CPU: 4 tokens ~1.6x one),
+    verifying drafts the drafter doubts loses time; where it is nearly free (GPUs, bf16 CPUs)
+    the whole block pays. `spec_generate(..., verify_costs=...)` verifies the prefix that
+    maximises expected committed tokens per second of the step (`verify_size`); the size depends
+    on the drafter's outputs only, so decoding stays lossless."""
+
+    draft: float
+    verify: list[float]  # verify[s - 1]: seconds for a verify pass over s tokens
+
+    def verify_size(self, confidence: list[float]) -> int:
+        """Tokens to verify (1..B), from the drafter's confidence at each offset ([B-1], the peak of
+        its distribution there): expected tokens of s = 1 + sum_{j<s} prod_{i<=j} confidence_i."""
+        best, best_rate, expected, reach = 1, 0.0, 1.0, 1.0
+        for s, seconds in enumerate(self.verify[: len(confidence) + 1], start=1):
+            if s > 1:
+                reach *= confidence[s - 2]
+                expected += reach
+            rate = expected / (self.draft + seconds)
+            if rate > best_rate:
+                best, best_rate = s, rate
+        return best
+
+
+@dataclass
 class SpecResult:
     output_ids: torch.LongTensor  # [1, prompt + generated]
     num_input_tokens: int
     acceptance_lengths: list[int] = field(default_factory=list)  # tokens committed per verify step
     accepted_drafts: list[int] = field(default_factory=list)  # drafts among them (the last step's may all be)
+    verify_sizes: list[int] = field(default_factory=list)  # tokens the target verified per step (anchor + drafts)
     time_to_first_token: float = 0.0
     time_per_output_token: float = 0.0
 
@@ -621,8 +648,10 @@ def spec_generate(
     block_size: int | None = None,
     generator: torch.Generator | None = None,
     on_tokens=None,
+    verify_costs: VerifyCosts | None = None,
 ) -> SpecResult:
-    """Decode up to `max_new_tokens` after `input_ids` [1, n]; `on_tokens(list[int])` streams each commit."""
+    """Decode up to `max_new_tokens` after `input_ids` [1, n]; `on_tokens(list[int])` streams each commit.
+    `verify_costs` (this machine's, see `VerifyCosts`) verifies only the drafts that pay; None: every block whole."""
     target = _as_model(target)
     B = draft.block_size if block_size is None else int(block_size)
     if input_ids.dim() == 1:
@@ -643,6 +672,11 @@ def spec_generate(
             return logits.argmax(-1), None
         probs = sampling_probs(logits, temperature, top_p, top_k)
         return sample(probs, generator), probs
+
+    def confidence(logits, probs) -> list[float]:  # the peak of each draft distribution (greedy: the draft's)
+        # The peak, not the drawn draft's probability: it is fixed before any draft is drawn, so a cut by
+        # it keeps the verified drafts distributed as q and sampling lossless.
+        return (logits.float().softmax(-1) if probs is None else probs).amax(-1).tolist()
 
     n_in = input_ids.shape[1]
     max_length = n_in + max_new_tokens
@@ -681,13 +715,17 @@ def spec_generate(
                 context_positions=positions[None, start - n_ctx : start],
                 cache=draft_cache,
             )
-            rows, draft_probs = choose(draft.compute_logits(hidden[0, 1:size], draft_head))
+            draft_logits = draft.compute_logits(hidden[0, 1:size], draft_head)
+            rows, draft_probs = choose(draft_logits)
+            if verify_costs is not None:  # verify the drafts that pay for themselves here
+                size = min(size, verify_costs.verify_size(confidence(draft_logits, draft_probs)))
+                rows, draft_probs = rows[: size - 1], None if draft_probs is None else draft_probs[: size - 1]
             block[1:size] = draft_head.tokens(rows)
             draft_probs = None if draft_probs is None else draft_head.full(draft_probs)
             block = block[:size]
         keep = {"logits_to_keep": positions[: min(size, VERIFY_ROWS)]} if lazy else {}  # the first rows only
         o = target(input_ids=block[None], position_ids=positions[None, start : start + size],
-                   **{kw: target_cache}, use_cache=True, output_hidden_states=size > 1, **keep)
+                   **{kw: target_cache}, use_cache=True, output_hidden_states=B > 1, **keep)
         logits = o.logits[0]  # [rows, V]: the target's next-token logits after the first block tokens
         if greedy:
             def argmax_rows(s, e):
@@ -704,7 +742,7 @@ def spec_generate(
         if hit is not None:
             produced, stopped = hit + 1, True
         out[start + 1 : start + 1 + produced] = torch.tensor(committed[:produced], device=device)
-        if size > 1:
+        if B > 1:
             pending = context_features(o.hidden_states, draft.target_layer_ids)[:, :produced]
         if on_tokens is not None:
             on_tokens(committed[:produced])
@@ -712,6 +750,7 @@ def spec_generate(
         crop_cache(target_cache, start)
         result.acceptance_lengths.append(produced)
         result.accepted_drafts.append(min(r, produced))  # a cut inside the accepted drafts keeps only drafts
+        result.verify_sizes.append(size)
 
     result.output_ids = out[None, : start + 1].clone()
     result.time_per_output_token = (_now(device) - t1) / max(result.num_output_tokens, 1)

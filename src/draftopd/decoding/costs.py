@@ -1,0 +1,84 @@
+"""What a decode step costs on this machine, measured: the drafter's pass and a target verify of
+s = 1..B tokens, on a warm cache, as `spec_generate` runs them.
+
+Where verifying more tokens costs more (an fp32 CPU: 4 tokens ~1.6x one), `spec_generate(...,
+verify_costs=measure_verify_costs(...))` verifies only the drafts that pay for themselves
+(`VerifyCosts`); where it is nearly free (GPUs, bf16 CPUs) it keeps verifying whole blocks.
+`benchmarks/decode_overhead.py` prints the same steps as break-even tau.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.benchmark import Timer
+from transformers import DynamicCache
+
+from draftopd.decoding.speculative import VerifyCosts, cache_kwarg, crop_cache
+from draftopd.model.drafter import ContextCache, DFlashDraftModel, DraftHead, context_features
+
+CONTEXT = 200  # tokens already in the KV caches
+NEW_ROWS = 2  # context rows a drafter step appends (tau of the step before)
+
+
+class StepTimers:
+    """Callables that run one decode step's parts on a prefilled random context, each leaving the
+    caches as it found them: `target_step(n)` verifies n tokens, `draft_step(B, head)` drafts a block."""
+
+    @torch.inference_mode()
+    def __init__(self, target: torch.nn.Module, draft: DFlashDraftModel, max_tokens: int, context: int = CONTEXT):
+        self.target, self.draft, self.context = target, draft, context
+        dev = target.get_input_embeddings().weight.device
+        self.ids = torch.randint(100, min(10_000, target.config.vocab_size), (1, context + max_tokens), device=dev)
+        self.target_cache = DynamicCache(config=target.config)
+        self.kv = {cache_kwarg(target): self.target_cache}
+        out = target(input_ids=self.ids[:, :context], **self.kv, use_cache=True, output_hidden_states=True)
+        self.features = context_features(out.hidden_states, draft.target_layer_ids)  # [1, context, F]
+        self.positions = torch.arange(context + max_tokens + NEW_ROWS, device=dev)[None]
+        self.draft_cache = ContextCache(len(draft.layers))
+        draft(target.get_input_embeddings()(self.ids[:, :1]), self.features[:, : context - NEW_ROWS],
+              block_positions=self.positions[:, :1], context_positions=self.positions[:, : context - NEW_ROWS],
+              cache=self.draft_cache)
+        self.kept = list(zip(self.draft_cache.k, self.draft_cache.v))
+
+    def target_step(self, n: int) -> Callable[[], None]:
+        c = self.context
+
+        @torch.inference_mode()
+        def run():
+            self.target(input_ids=self.ids[:, c : c + n], position_ids=self.positions[:, c : c + n], **self.kv,
+                        use_cache=True, output_hidden_states=True)
+            crop_cache(self.target_cache, c)
+        return run
+
+    def draft_step(self, B: int, head: DraftHead) -> Callable[[], None]:
+        c, embed = self.context, self.target.get_input_embeddings()
+        block = torch.full((1, B), self.draft.mask_token_id, device=self.ids.device)
+
+        @torch.inference_mode()
+        def run():
+            hidden = self.draft(embed(block), self.features[:, c - NEW_ROWS :],
+                                block_positions=self.positions[:, c : c + B],
+                                context_positions=self.positions[:, c - NEW_ROWS : c], cache=self.draft_cache)
+            head(hidden[0, 1:].to(head.weight.dtype)).float().softmax(-1).max(-1)  # drafts and their confidence
+            self.draft_cache.k, self.draft_cache.v = [k for k, _ in self.kept], [v for _, v in self.kept]
+        return run
+
+
+def median_seconds(fn: Callable[[], None], min_run_time: float) -> float:
+    """Median time of `fn`, measured for at least `min_run_time` seconds (CUDA synchronised)."""
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def measure_verify_costs(target: torch.nn.Module, draft: DFlashDraftModel, block_size: int | None = None,
+                         min_run_time: float = 0.2) -> VerifyCosts:
+    """This machine's `VerifyCosts` for `draft` on `target` (a bare HF model) at `block_size`
+    (default: the drafter's): about (B + 1) x `min_run_time` seconds."""
+    B = block_size or draft.block_size
+    timers = StepTimers(target, draft, B)
+    head = draft.draft_head(target.get_output_embeddings())
+    timers.draft_step(B, head)()  # first calls pay for lazy initialisation
+    timers.target_step(B)()
+    return VerifyCosts(draft=median_seconds(timers.draft_step(B, head), min_run_time),
+                       verify=[median_seconds(timers.target_step(n), min_run_time) for n in range(1, B + 1)])
