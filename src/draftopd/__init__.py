@@ -1,7 +1,7 @@
 """draftopd: train DFlash block drafters for lossless speculative decoding (SFT and Draft-OPD).
 
 The library's front door, imported lazily (torch loads on first use, not on `import draftopd`):
-`load_target`, `init_drafter`, `load_drafter`, `save_drafter`, `spec_generate`.
+`load_target`, `init_drafter`, `load_drafter`, `save_drafter`, `spec_generate`, `measure_verify_costs`.
 """
 
 _EXPORTS = {
@@ -10,6 +10,7 @@ _EXPORTS = {
     "load_drafter": "draftopd.model.checkpoint",
     "save_drafter": "draftopd.model.checkpoint",
     "spec_generate": "draftopd.dflash",
+    "measure_verify_costs": "draftopd.decoding.costs",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.benchmark import Timer
 from transformers import DynamicCache
 
-from draftopd.decoding.speculative import VerifyCosts, cache_kwarg, crop_cache
+from draftopd.decoding.speculative import VerifyCosts, bare_model, cache_kwarg, crop_cache
 from draftopd.model.drafter import ContextCache, DFlashDraftModel, DraftHead, context_features
 
 CONTEXT = 200  # tokens already in the KV caches
@@ -71,10 +71,11 @@ def median_seconds(fn: Callable[[], None], min_run_time: float) -> float:
     return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
-def measure_verify_costs(target: torch.nn.Module, draft: DFlashDraftModel, block_size: int | None = None,
+def measure_verify_costs(target, draft: DFlashDraftModel, block_size: int | None = None,
                          min_run_time: float = 0.2) -> VerifyCosts:
-    """This machine's `VerifyCosts` for `draft` on `target` (a bare HF model) at `block_size`
-    (default: the drafter's): about (B + 1) x `min_run_time` seconds."""
+    """This machine's `VerifyCosts` for `draft` on `target` (draftopd's Target or a bare HF model)
+    at `block_size` (default: the drafter's): about (B + 1) x `min_run_time` seconds."""
+    target = bare_model(target)
     B = block_size or draft.block_size
     timers = StepTimers(target, draft, B)
     head = draft.draft_head(target.get_output_embeddings())
