@@ -76,6 +76,7 @@ def measure_verify_costs(target, draft: DFlashDraftModel, block_size: int | None
     """This machine's `VerifyCosts` for `draft` on `target` (draftopd's Target or a bare HF model)
     at `block_size` (default: the drafter's): about (B + 1) x `min_run_time` seconds."""
     target = bare_model(target)
+    draft.check_target(target)  # a drafter for another target: one line, before any forward
     B = block_size or draft.block_size
     timers = StepTimers(target, draft, B)
     head = draft.draft_head(target.get_output_embeddings())
