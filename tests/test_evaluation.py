@@ -243,3 +243,7 @@ def test_adaptive_verify_runs_beside_full_blocks_and_stays_lossless(smollm, tmp_
     assert runs["shipped adaptive"]["offline_lengths"] is None and runs["shipped"]["offline_lengths"] is not None
     with pytest.raises(DraftOPDError, match="verify must be one of full, adaptive, both"):
         evaluate(smollm, {"shipped": shipped}, ["gsm8k"], samples=1, out_dir=tmp_path / "bad", verify="sometimes")
+    with pytest.raises(DraftOPDError, match="'a adaptive' is already a drafter's name"):
+        evaluate(smollm, {"a": shipped, "a adaptive": shipped}, ["gsm8k"], samples=1, out_dir=tmp_path / "clash",
+                 verify="both")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "clash").exists()  # refused before writing

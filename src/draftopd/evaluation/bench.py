@@ -358,6 +358,9 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
         raise DraftOPDError(f"a benchmark is listed twice: {benches}")
     if verify not in VERIFY_MODES:
         raise DraftOPDError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+    if verify == "both" and (clash := sorted({f"{n} adaptive" for n in drafters} & set(drafters))):
+        raise DraftOPDError(f"verify both names each drafter's adaptive twin 'NAME adaptive', but {clash[0]!r} "
+                            "is already a drafter's name; rename it")
     for name, draft in drafters.items():
         check_drafter(draft, target, name)
         draft.to(device=target.device, dtype=target.dtype).eval()
