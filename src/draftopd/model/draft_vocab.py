@@ -14,7 +14,6 @@ it, `save_drafter` writes it back. We build it here from the target's own respon
 """
 
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 

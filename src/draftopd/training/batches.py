@@ -69,7 +69,8 @@ def training_split(rollout_sets: dict[str, list[Rollout]], max_length: int, frac
         except DraftOPDError as e:
             raise DraftOPDError(f"{name}: {e}") from None
         t, h = split_heldout(seqs, fraction, seed)
-        train, held = train + t, held + h
+        train.extend(t)
+        held.extend(h)
     return train, held
 
 
