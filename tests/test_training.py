@@ -200,3 +200,16 @@ def test_several_rollout_directories_train_together_and_keep_each_held_out_share
     assert json.loads((res.out_dir / "config.json").read_text())["data"]["rollouts"] == [str(tiny_rollouts), str(more)]
     with pytest.raises(DraftOPDError, match="listed twice"):
         cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "dup", **{"data.rollouts": [str(tiny_rollouts), str(tiny_rollouts) + "/"]})
+
+
+def test_init_with_more_layers_grows_the_drafter(tiny_dir, tiny_rollouts, tmp_path):
+    start = train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "one", max_steps=1))
+    grown = train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "three", max_steps=2,
+                          **{"draft.init": str(start.final_drafter), "draft.num_layers": 3}))
+    deeper = load_drafter(grown.final_drafter)
+    assert len(deeper.layers) == 3
+    assert deeper.layers[1].mlp.down_proj.weight.any()  # the new layers trained
+    with pytest.raises(DraftOPDError, match="fewer than the 3 layers"):
+        train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "cut",
+                      **{"draft.init": str(grown.final_drafter), "draft.num_layers": 2}))
+    assert not (tmp_path / "cut" / "checkpoints").exists()

@@ -122,7 +122,7 @@ def run_demo(plan: DemoPlan = DemoPlan()) -> dict:
         untrained = out / "untrained"
         sft_cfg = _recipe("sft", plan, out, budget["sft"], {"draft.init": str(untrained)})
         if not untrained.exists():
-            save_drafter(init_drafter(target, num_layers=sft_cfg.draft.num_layers, block_size=sft_cfg.draft.block_size,
+            save_drafter(init_drafter(target, num_layers=sft_cfg.draft.new_drafter_layers, block_size=sft_cfg.draft.block_size,
                                       seed=plan.seed), untrained)
         _say(f"   SFT (DFlash recipe) from scratch for {budget['sft']} min")
         start, start_name = _train_phase(sft_cfg), "sft"

@@ -18,10 +18,16 @@ class Strict(BaseModel):
 
 class DraftConfig(Strict):
     init: str | None = Field(None, description="start from this drafter directory (ours or a published DFlash one)")
-    num_layers: int = Field(1, ge=1, description="layers of a new drafter (ignored with init)")
+    num_layers: int | None = Field(None, ge=1, description=(
+        "layers of a new drafter (default 1); with init, grow that drafter to this many: each new layer starts "
+        "as a no-op copy of the one before it (model.grow), so training starts from init's acceptance"))
     block_size: int = Field(16, ge=2)
     target_layer_ids: list[int] | None = None
     mask_token_id: int | None = None
+
+    @property
+    def new_drafter_layers(self) -> int:
+        return self.num_layers or 1
 
 
 class DataConfig(Strict):

@@ -17,6 +17,7 @@ from draftopd.data.rollouts import load_rollouts
 from draftopd.errors import DraftOPDError
 from draftopd.io import check_output_dir, holds, write_json_atomic
 from draftopd.model.checkpoint import drafter_target_name, init_drafter, load_drafter
+from draftopd.model.grow import grow_drafter
 from draftopd.model.drafter import DFlashDraftModel
 from draftopd.model.precision import hardware_record, parse_dtype
 from draftopd.model.target import Target, load_target
@@ -120,8 +121,10 @@ def _prepare_drafter(cfg: TrainConfig, target: Target, resume_from: Path | None)
         draft = load_drafter(resume_from / "drafter", device=cfg.device)
     elif cfg.draft.init:
         draft = load_drafter(cfg.draft.init, device=cfg.device)
+        if cfg.draft.num_layers:
+            draft = grow_drafter(draft, cfg.draft.num_layers)
     else:
-        draft = init_drafter(target, num_layers=cfg.draft.num_layers, block_size=cfg.draft.block_size,
+        draft = init_drafter(target, num_layers=cfg.draft.new_drafter_layers, block_size=cfg.draft.block_size,
                              target_layer_ids=cfg.draft.target_layer_ids, mask_token_id=cfg.draft.mask_token_id,
                              seed=cfg.seed).to(cfg.device)
     if draft.block_size != cfg.draft.block_size:
