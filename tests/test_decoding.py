@@ -156,9 +156,45 @@ def test_adaptive_verify_stays_lossless(tiny_pair):
         assert res.output_ids.tolist() == greedy_reference(target, ids, 33).tolist()
         assert {1, 4} <= set(res.verify_sizes)
         assert all(a <= s for a, s in zip(res.acceptance_lengths, res.verify_sizes))
+        assert res.rest_steps > 0  # after each unsure draft the drafter sits out a step
     full = spec_generate(swinging.eval(), target, ids, 33)
     assert full.verify_sizes[0] == 4 and full.verify_sizes == sorted(full.verify_sizes, reverse=True)  # narrower only at the length cut
-    assert full.output_ids.tolist() == res.output_ids.tolist()
+    assert full.output_ids.tolist() == res.output_ids.tolist() and full.rest_steps == 0
+
+
+def test_rest_doubles_while_drafts_do_not_pay_and_ends_when_one_does():
+    rests, rest = [], 0
+    for size in (1, 1, 1, 1, 1, 3, 1):
+        rest = VerifyCosts.rest_after(size, rest)
+        rests.append(rest)
+    assert rests == [1, 2, 4, 8, 8, 0, 1]
+
+
+class DoubtfulDrafter(DFlashDraftModel):
+    """Never sure of its drafts (so it rests ever longer), and records what context each pass gets."""
+
+    def forward(self, block_embeds, context, *, block_positions, context_positions, cache, **kw):
+        self.seen.append((cache.length, context_positions[0].tolist(), int(block_positions[0, 0])))
+        return super().forward(block_embeds, context, block_positions=block_positions,
+                               context_positions=context_positions, cache=cache, **kw)
+
+    def compute_logits(self, hidden, head):
+        return super().compute_logits(hidden, head) * 0.01
+
+
+@pytest.mark.parametrize("tiny_pair", ["llama"], indirect=True)
+def test_a_resting_drafter_gets_every_committed_rows_features_when_it_drafts_again(tiny_pair):
+    target, draft = tiny_pair
+    doubtful = DoubtfulDrafter(draft.config)
+    doubtful.load_state_dict(draft.state_dict())
+    doubtful.seen = []
+    ids = torch.randint(1, 150, (1, 6), generator=torch.Generator().manual_seed(0))
+    res = spec_generate(doubtful.eval(), target, ids, 40, verify_costs=VerifyCosts(0.0, [1.0, 1.3, 1.5, 1.7]))
+    assert res.output_ids.tolist() == greedy_reference(target, ids, 40).tolist()
+    drafted = len(res.verify_sizes) - res.rest_steps
+    assert len(doubtful.seen) == drafted and res.rest_steps > 2 * drafted  # rests of 1, 2, 4, 8, ...
+    for cached, rows, anchor in doubtful.seen:  # each pass gets exactly the rows since its last one
+        assert rows == list(range(cached, anchor))
 
 
 def test_bad_input_errors(tiny_pair):

@@ -185,6 +185,7 @@ def test_generate_json_equals_greedy(smollm, draft_dir, capsys):
     # adaptive verify (the default): each step verified 1..8 tokens and committed no more than that
     assert len(got["verify_sizes"]) == len(got["acceptance_lengths"])
     assert all(a <= s <= 8 for a, s in zip(got["acceptance_lengths"], got["verify_sizes"]))
+    assert 0 <= got["rest_steps"] < len(got["verify_sizes"])
 
 
 def test_export_bf16_keeps_keys(draft_dir, tmp_path, capsys):

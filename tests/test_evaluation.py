@@ -238,6 +238,7 @@ def test_adaptive_verify_runs_beside_full_blocks_and_stays_lossless(smollm, tmp_
     full, adaptive = (results["summary"][n]["gsm8k"] for n in ("shipped", "shipped adaptive"))
     assert full["greedy_mismatches"] == adaptive["greedy_mismatches"] == 0
     assert full["verify_size"] > 1 and 1 <= adaptive["verify_size"] <= shipped.block_size
+    assert full["rest_share"] == 0 and 0 <= adaptive["rest_share"] < 1  # only adaptive lets the drafter rest
     runs = {r["drafter"]: r for r in results["samples"] if r["method"] == "draft"}
     assert runs["shipped"]["output_ids"] == runs["shipped adaptive"]["output_ids"]
     assert runs["shipped adaptive"]["offline_lengths"] is None and runs["shipped"]["offline_lengths"] is not None

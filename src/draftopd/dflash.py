@@ -43,6 +43,8 @@ except ImportError:  # standalone remote code
 # aligned chunks of 4 rows the same bits as the whole block (bf16: chunks of any size), so the
 # outputs stay those of scoring every row; 1 row takes a GEMV path with other bits.
 VERIFY_ROWS = 4
+# With adaptive verify, at most this many target-only steps between drafts (`VerifyCosts.rest_after`).
+MAX_REST = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,6 +567,15 @@ class VerifyCosts:
                 best, best_rate = s, rate
         return best
 
+    @staticmethod
+    def rest_after(size: int, rest: int) -> int:
+        """Target-only steps to take before drafting again, after a step that verified `size` tokens
+        and a previous rest of `rest`: none after a draft worth verifying; after one that was not,
+        1, 2, 4, ... up to MAX_REST while that goes on. A drafter that cannot pay on this text costs
+        its pass for nothing (an fp32 CPU: ~15% of a target step); text that is hard to draft
+        comes in runs, and the doubling probes again soon after it ends."""
+        return 0 if size > 1 else min(max(1, 2 * rest), MAX_REST)
+
 
 @dataclass
 class SpecResult:
@@ -573,6 +584,7 @@ class SpecResult:
     acceptance_lengths: list[int] = field(default_factory=list)  # tokens committed per verify step
     accepted_drafts: list[int] = field(default_factory=list)  # drafts among them (the last step's may all be)
     verify_sizes: list[int] = field(default_factory=list)  # tokens the target verified per step (anchor + drafts)
+    rest_steps: int = 0  # steps without a draft (adaptive verify: the drafter was not paying)
     time_to_first_token: float = 0.0
     time_per_output_token: float = 0.0
 
@@ -702,11 +714,18 @@ def spec_generate(
     result = SpecResult(output_ids=input_ids, num_input_tokens=n_in, time_to_first_token=t1 - t0)
     start = n_in  # position of the anchor: committed, not yet seen by the target
     stopped = int(out[start]) in stops
+    rest, resting = 0, 0  # adaptive verify: the current rest's length, target-only steps left in it
     while start + 1 < max_length and not stopped:
         size = min(B, max_length - start)  # block tokens to verify
         block = out[start : start + B].clone()
         draft_probs = None
-        if B > 1:  # always draft a full block (as training and serving engines do); verify `size`
+        drafting = B > 1 and not resting
+        if not drafting and B > 1:  # the drafter rests: the target alone, its features kept for later
+            resting -= 1
+            result.rest_steps += 1
+            size = 1
+            block = block[:1]
+        if drafting:  # always draft a full block (as training and serving engines do); verify `size`
             block[1:] = draft.mask_token_id
             n_ctx = pending.shape[1]
             hidden = draft(
@@ -718,7 +737,9 @@ def spec_generate(
             draft_logits = draft.compute_logits(hidden[0, 1:size], draft_head)
             rows, draft_probs = choose(draft_logits)
             if verify_costs is not None:  # verify the drafts that pay for themselves here
-                size = min(size, verify_costs.verify_size(confidence(draft_logits, draft_probs)))
+                chosen = verify_costs.verify_size(confidence(draft_logits, draft_probs))
+                rest = resting = verify_costs.rest_after(chosen, rest)
+                size = min(size, chosen)
                 rows, draft_probs = rows[: size - 1], None if draft_probs is None else draft_probs[: size - 1]
             block[1:size] = draft_head.tokens(rows)
             draft_probs = None if draft_probs is None else draft_head.full(draft_probs)
@@ -742,8 +763,9 @@ def spec_generate(
         if hit is not None:
             produced, stopped = hit + 1, True
         out[start + 1 : start + 1 + produced] = torch.tensor(committed[:produced], device=device)
-        if B > 1:
-            pending = context_features(o.hidden_states, draft.target_layer_ids)[:, :produced]
+        if B > 1:  # the committed rows' features, after any the resting drafter has not seen
+            fresh = context_features(o.hidden_states, draft.target_layer_ids)[:, :produced]
+            pending = fresh if drafting else torch.cat([pending, fresh], dim=1)
         if on_tokens is not None:
             on_tokens(committed[:produced])
         start += produced

@@ -50,11 +50,12 @@ def cmd_generate(args) -> None:
     if args.json:
         print(json.dumps({"output_ids": res.output_ids[0].tolist(), "generated_ids": new, "text": text,
                           "acceptance_lengths": res.acceptance_lengths, "verify_sizes": res.verify_sizes, "tau": res.tau,
-                          "num_output_tokens": res.num_output_tokens, "time_to_first_token": res.time_to_first_token,
+                          "rest_steps": res.rest_steps, "num_output_tokens": res.num_output_tokens, "time_to_first_token": res.time_to_first_token,
                           "time_per_output_token": res.time_per_output_token}))
         return
     print()
-    width = f", {sum(res.verify_sizes) / max(len(res.verify_sizes), 1):.2f} tokens verified per step" if costs else ""
+    width = (f", {sum(res.verify_sizes) / max(len(res.verify_sizes), 1):.2f} tokens verified per step, "
+             f"drafter rested {res.rest_steps}" if costs else "")
     print(f"\n[tau={res.tau:.2f} over {len(res.acceptance_lengths)} verify steps{width} | {res.num_output_tokens} tokens "
           f"| {tps:.1f} tok/s | ttft {res.time_to_first_token * 1000:.0f} ms]", file=sys.stderr)
 

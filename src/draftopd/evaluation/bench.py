@@ -204,7 +204,7 @@ class Runner:
         return {"output_ids": res.output_ids[0, res.num_input_tokens:].tolist(),
                 "num_input_tokens": res.num_input_tokens, "num_output_tokens": res.num_output_tokens,
                 "acceptance_lengths": res.acceptance_lengths, "verify_sizes": res.verify_sizes, "tau": res.tau,
-                "time_to_first_token": res.time_to_first_token, "time_per_output_token": res.time_per_output_token}
+                "rest_steps": res.rest_steps, "time_to_first_token": res.time_to_first_token, "time_per_output_token": res.time_per_output_token}
 
     @torch.inference_mode()
     def hf_generate(self, ids: torch.Tensor, seed: int, max_new_tokens: int | None = None) -> dict:
@@ -282,6 +282,7 @@ def summarize(records: list[dict], benches: list[str], block_sizes: dict[str, in
             s["offline_samples"] = len(walked)
             verified = [n for r in rs for n in r.get("verify_sizes") or []]
             s["verify_size"] = sum(verified) / len(verified) if verified else None  # tokens verified per step
+            s["rest_share"] = sum(r.get("rest_steps", 0) for r in rs) / len(verified) if verified else None
             summary[name][b] = s
 
         def avg(key):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from draftopd.decoding.speculative import MAX_REST
 from draftopd.evaluation.paper import PRESET, PUBLISHED, PUBLISHED_LABEL, PUBLISHED_SETTING, TASKS
 from draftopd.io import write_json_atomic
 
@@ -28,6 +29,10 @@ def _x(v: float | None) -> str:
 
 def _f(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.0f}%"
 
 
 def _cell(speed: float | None, tau: float | None) -> str:
@@ -93,7 +98,9 @@ def _verify_note(c: dict) -> list[str]:
     costs = "; ".join(f"{n}: drafter {v['draft_ms']:.1f} ms, verify of 1..{len(v['verify_ms'])} tokens "
                       + " / ".join(f"{t:.1f}" for t in v["verify_ms"]) + " ms" for n, v in measured.items())
     return [f"Adaptive verify: these drafters verify only the drafts whose expected acceptance pays for the wider "
-            f"pass, by the costs measured here ({costs}).", ""]
+            f"pass, by the costs measured here ({costs}), and their drafter rests (the target decodes alone) for "
+            f"1, 2, 4, ... up to {MAX_REST} steps after each draft not worth verifying; τ counts those steps too "
+            f"(one token each).", ""]
 
 
 def markdown(results: dict) -> str:
@@ -124,13 +131,13 @@ def markdown(results: dict) -> str:
     for n, b, s in checks:
         offline = "–" if not s["offline_samples"] else \
             f"{_f(s['offline_tau'])} ({s['offline_agree']}/{s['offline_samples']} walks equal)"
-        rows.append([n, b, str(s["block_size"]), _f(s.get("verify_size")), str(s["samples"]), str(s["output_tokens"]), _f(s["tau"]),
+        rows.append([n, b, str(s["block_size"]), _f(s.get("verify_size")), _pct(s.get("rest_share")), str(s["samples"]), str(s["output_tokens"]), _f(s["tau"]),
                      _f(s["tau_per_sample_mean"]), _f(s["time_per_output_token"] * 1e3, 1), _f(s["tokens_per_s"], 1),
                      _x(s["speedup"]), _x(s["speedup_hf"]),
                      "–" if s["greedy_mismatches"] is None else str(s["greedy_mismatches"]), offline])
-    lines += _table(["Drafter", "Benchmark", "B", "Verified/step", "Samples", "Tokens", "τ", "τ (per-sample mean)",
+    lines += _table(["Drafter", "Benchmark", "B", "Verified/step", "Drafter rested", "Samples", "Tokens", "τ", "τ (per-sample mean)",
                      "ms/token", "tok/s", "Speedup (loop)", "Speedup (HF)", "Greedy mismatches",
-                     "Offline τ (decoded text)"], rows, "llrrrrrrrrrrrr")
+                     "Offline τ (decoded text)"], rows, "llrrrrrrrrrrrrr")
     lines += ["", "## Target alone", ""]
     rows = [[b, str(s["loop"]["output_tokens"]), _f(s["loop"]["time_per_output_token"] * 1e3, 1),
              _f(s["loop"]["tokens_per_s"], 1), _f(s["hf"]["time_per_output_token"] * 1e3, 1),
