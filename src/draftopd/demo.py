@@ -37,7 +37,7 @@ class DemoPlan:
     from_scratch: bool = False
     dtype: str = "auto"
     # Fresh prompts: the shipped drafter was trained on gsm8k[:640], humaneval[:100], mt-bench[:60], sharegpt[:200],
-    # sharegpt[400:4400].
+    # sharegpt[400:7400].
     train_prompts: str = "gsm8k[640:1200],sharegpt[200:400]"
     heldout: tuple[str, ...] = ("gsm8k[1200:]", "humaneval[100:]", "mt-bench[60:]")
     max_new_tokens: int = 128
@@ -260,14 +260,16 @@ def _decode_seconds_per_token(target) -> float:
     import torch
     from transformers import DynamicCache
 
+    from draftopd.decoding.speculative import cache_kwarg
+
     ids = torch.randint(100, 1000, (1, 64), device=target.device)
-    cache = DynamicCache(config=target.config)
+    kv = {cache_kwarg(target.model): DynamicCache(config=target.config)}  # the keyword this transformers takes
     times = []
     with torch.inference_mode():
-        target.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        target.model(input_ids=ids, use_cache=True, **kv)
         for i in range(5):
             t = time.perf_counter()
-            target.model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            target.model(input_ids=ids[:, i:i + 1], use_cache=True, **kv)
             times.append(time.perf_counter() - t)
     return sorted(times)[2]
 
