@@ -20,6 +20,7 @@ measured 1.00x and 0.82x. Held-out texts: fp32 greedy rollouts of prompts no dra
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 
 import torch
@@ -39,12 +40,12 @@ POLICIES = ("whole blocks", "adaptive, no rest", "adaptive")
 
 
 def parse_costs(text: str) -> VerifyCosts:
-    """'DRAFT_MS:V1,V2,...' -> VerifyCosts in seconds."""
+    """'DRAFT_MS:V1,V2,...' -> VerifyCosts in seconds (argparse type: a bad value is one line)."""
     try:
         draft, verify = text.split(":")
         return VerifyCosts(float(draft) / 1e3, [float(v) / 1e3 for v in verify.split(",")])
     except ValueError:
-        raise DraftOPDError(f"--costs {text!r}: expected DRAFT_MS:V1,V2,... (e.g. 6.0:41.6,67.7,82.9,61.2)") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected DRAFT_MS:V1,V2,... (e.g. 6.0:41.6,67.7,82.9,61.2)") from None
 
 
 @torch.no_grad()
@@ -86,25 +87,27 @@ def main() -> None:
     ap.add_argument("--rollouts", required=True, help="held-out greedy rollouts (fp32 for exact walks)")
     ap.add_argument("--draft", action="append", help="drafter (repeatable; default: the shipped one)")
     ap.add_argument("--target", default="smollm2-135m")
-    ap.add_argument("--costs", help="DRAFT_MS:V1,...,VB (default: measured here, on the first drafter)")
+    ap.add_argument("--costs", type=parse_costs, help="DRAFT_MS:V1,...,VB for every drafter (default: each one's, measured here)")
     ap.add_argument("--dtype", default="fp32", help="for the walks (fp32: exact) and measured costs")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    _, held = load_rollouts(args.rollouts)  # before the target loads: a wrong path fails at once
     target = load_target(args.target, dtype=args.dtype)
-    _, held = load_rollouts(args.rollouts)
     sequences = [TokenSequence(torch.tensor(r.prompt_ids + r.response_ids), len(r.prompt_ids)) for r in held]
     tasks = [r.id.split(":")[0] for r in held]
-    costs = parse_costs(args.costs) if args.costs else None
     hw = hardware_record(target.dtype, target.device)
     for path in args.draft or ["smollm2-135m-dflash"]:
         draft = load_drafter(path, dtype=target.dtype)
-        if costs is None:
+        if args.costs:
+            costs, where = args.costs, "given"
+            if len(costs.verify) != draft.block_size:
+                ap.error(f"--costs gives verify times for {len(costs.verify)} tokens; {path} drafts blocks of "
+                         f"{draft.block_size}: give one per size 1..{draft.block_size}")
+        else:  # each drafter's own: a deeper one costs more per step
             costs = measure_verify_costs(target, draft)
             where = f"measured here ({hw.get('cpu_capability') or hw.get('gpu')}, {hw['dtype']}, {hw['threads']} threads)"
-        else:
-            where = "given" if args.costs else "measured here, on the first drafter"
         print(f"{path}: B={draft.block_size}; costs {where}: drafter {costs.draft * 1e3:.1f} ms, verify of 1..B "
               f"tokens {' / '.join(f'{t * 1e3:.1f}' for t in costs.verify)} ms")
         table = anchor_table(draft, target.model, sequences)
@@ -120,4 +123,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DraftOPDError as e:  # a bad drafter, target or rollout directory: one line
+        sys.exit(f"verify_policy.py: {e}")
