@@ -24,7 +24,10 @@ def tiny_drafter(target, *, block_size: int = 4, num_layers: int = 2, mask_token
     return DFlashDraftModel(cfg).eval()
 
 
+NOTICES = ("draftopd: dtype auto", "draftopd: torch.bfloat16 CPU linears stay unpacked")
+
+
 def without_dtype_notice(err: str) -> str:
-    """stderr less the once-per-process notice of dtype auto falling back to fp32 (printed on
-    CPUs without fast bf16 before a command's own output)."""
-    return "\n".join(line for line in err.strip().splitlines() if not line.startswith("draftopd: dtype auto"))
+    """stderr less the once-per-process notices of dtype auto falling back to fp32 and of bf16
+    linears left unpacked (printed on CPUs without fast bf16 before a command's own output)."""
+    return "\n".join(line for line in err.strip().splitlines() if not line.startswith(NOTICES))

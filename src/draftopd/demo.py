@@ -155,6 +155,7 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
     from draftopd.evaluation.bench import TokenSequence, evaluate
     from draftopd.evaluation.metrics import tau_ratio
     from draftopd.io import write_json_atomic
+    from draftopd.model.packed import pack_linears
     from draftopd.training.onpolicy import offline_walks, text_features
 
     import torch
@@ -166,7 +167,7 @@ def evaluate_demo(target, drafters: dict, plan: DemoPlan, out: Path, seconds: fl
             for r in read_records(heldout)]
     counts = {name: [] for name in drafters}
     for draft in drafters.values():
-        draft.to(device=target.device, dtype=target.dtype)
+        pack_linears(draft.to(device=target.device, dtype=target.dtype))
     t0 = time.perf_counter()
     layers = {tuple(d.target_layer_ids) for d in drafters.values()}
     for seq in seqs:  # walk both drafters over the same prompts until the budget is spent

@@ -15,13 +15,14 @@ def cmd_generate(args) -> None:
     from draftopd.decoding.costs import measure_verify_costs
     from draftopd.decoding.speculative import spec_generate
     from draftopd.model.checkpoint import load_drafter
+    from draftopd.model.packed import pack_linears
     from draftopd.model.target import load_target, stop_token_ids
 
     if args.max_new_tokens <= 0:
         raise DraftOPDError(f"max_new_tokens must be positive, got {args.max_new_tokens}")
     draft = load_drafter(args.draft)  # first: a bad path fails before the target loads
     target = load_target(args.target, dtype=args.dtype)
-    draft.to(target.dtype)
+    pack_linears(draft.to(target.dtype))
     tok = target.tokenizer
     ids = torch.tensor([apply_chat_template(tok, [{"role": "user", "content": args.prompt}], thinking=args.thinking)])
     gen = torch.Generator().manual_seed(args.seed)

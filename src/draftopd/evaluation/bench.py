@@ -27,6 +27,7 @@ from draftopd.evaluation.metrics import mean_tau, speedup, summarize_runs
 from draftopd.hub import HUB_TIMEOUT_S, offline
 from draftopd.io import check_output_dir, holds
 from draftopd.model.checkpoint import drafter_target_name
+from draftopd.model.packed import pack_linears
 from draftopd.model.precision import dtype_name, hardware_record
 from draftopd.seeds import derive_seed
 from draftopd.training.onpolicy import offline_tau, offline_walks
@@ -364,7 +365,7 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
                             "is already a drafter's name; rename it")
     for name, draft in drafters.items():
         check_drafter(draft, target, name)
-        draft.to(device=target.device, dtype=target.dtype).eval()
+        pack_linears(draft.to(device=target.device, dtype=target.dtype).eval())
     prompts = {b: load_bench(b, target.tokenizer, counts[b], max_prompt_tokens) for b in benches}  # fail early
     rollouts = _load_rollouts(offline_rollouts, target) if offline_rollouts else None
 

@@ -156,14 +156,15 @@ class DraftHead:
     bias: torch.Tensor | None  # [V']
     vocab: torch.Tensor | None  # [V'] the token id of each row; None: row i is token i
     vocab_size: int  # V
+    module: nn.Module | None = None  # the head itself when every token is drafted: its own forward may be faster
 
     @classmethod
     def whole(cls, head: nn.Module) -> "DraftHead":
         """The target's LM head as it is: every token."""
-        return cls(head.weight.detach(), getattr(head, "bias", None), None, head.weight.shape[0])
+        return cls(head.weight.detach(), getattr(head, "bias", None), None, head.weight.shape[0], head)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., V'], like the head module
-        return F.linear(hidden, self.weight, self.bias)
+        return F.linear(hidden, self.weight, self.bias) if self.module is None else self.module(hidden)
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...] the drafts, as token ids
         return self.tokens(self(hidden.to(self.weight.dtype)).argmax(-1))
