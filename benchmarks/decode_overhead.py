@@ -7,7 +7,9 @@ committed per step, speedup over plain decoding = tau * T_1 / (T_B + T_draft), s
 
     break-even tau = (T_B + T_draft) / T_1,   tau for 2x = 2 * (T_B + T_draft) / T_1.
 
-All on a ~200-token cache, median of `torch.utils.benchmark` runs, one line per block size.
+All on a ~200-token cache, median of `torch.utils.benchmark` runs, one line per block size,
+with the CPU linears packed (as every draftopd command loads a CPU target: `model/packed.py`)
+and, for comparison in the same run, plain (`--linears packed,plain`).
 Loop overhead (our loop at block size 1 vs HF generate) is in every `draftopd eval` run;
 our loop vs the reference `dflash_generate` is `benchmarks/vs_reference.py`.
 
@@ -22,6 +24,7 @@ import argparse
 from draftopd.decoding.costs import CONTEXT, StepTimers, median_seconds
 from draftopd.model.checkpoint import load_drafter
 from draftopd.model.drafter import DraftHead
+from draftopd.model.packed import pack_linears, unpack_linears
 from draftopd.model.precision import hardware_record
 from draftopd.model.target import load_target
 
@@ -51,18 +54,26 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--block-sizes", default="2,4,8,16")
     ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    ap.add_argument("--linears", default="packed,plain", choices=["packed,plain", "packed", "plain"],
+                    help="CPU linears as draftopd loads them (packed), plain nn.Linear, or both in turn")
     args = ap.parse_args()
     target = load_target(args.target, dtype=args.dtype)
     draft = load_drafter(args.drafter).to(target.dtype)
     hw = hardware_record(target.dtype, target.device)
-    rows = measure(target, draft, [int(b) for b in args.block_sizes.split(",")], args.min_run_time)
+    block_sizes = [int(b) for b in args.block_sizes.split(",")]
     print(f"{args.target}, drafter {args.drafter} ({len(draft.layers)} layers), {hw['dtype']} on "
           f"{hw.get('cpu_capability') or hw.get('gpu')}, {hw['threads']} threads, cache {CONTEXT} tokens")
-    print(f"{'B':>3} {'draft vocab':>11} {'T_1 ms':>8} {'T_B ms':>8} {'T_draft ms':>11} {'T_B/T_1':>8} "
+    print(f"{'linears':>7} {'B':>3} {'draft vocab':>11} {'T_1 ms':>8} {'T_B ms':>8} {'T_draft ms':>11} {'T_B/T_1':>8} "
           f"{'break-even tau':>15} {'tau for 2x':>11}")
-    for r in rows:
-        print(f"{r['block_size']:>3} {r['draft_vocab']:>11} {r['t1_ms']:>8.1f} {r['tB_ms']:>8.1f} {r['tdraft_ms']:>11.1f} "
-              f"{r['verify_ratio']:>8.2f} {r['break_even_tau']:>15.2f} {r['tau_for_2x']:>11.2f}")
+    for kind in args.linears.split(","):
+        if kind == "packed":
+            pack_linears(target.model), pack_linears(draft)
+        else:
+            unpack_linears(target.model), unpack_linears(draft)
+        for r in measure(target, draft, block_sizes, args.min_run_time):
+            print(f"{kind:>7} {r['block_size']:>3} {r['draft_vocab']:>11} {r['t1_ms']:>8.1f} {r['tB_ms']:>8.1f} "
+                  f"{r['tdraft_ms']:>11.1f} {r['verify_ratio']:>8.2f} {r['break_even_tau']:>15.2f} "
+                  f"{r['tau_for_2x']:>11.2f}", flush=True)
 
 
 if __name__ == "__main__":

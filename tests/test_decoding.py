@@ -144,6 +144,19 @@ class SwingingDrafter(DFlashDraftModel):
         return super().compute_logits(hidden, head) * (100.0 if SwingingDrafter.calls % 2 else 0.01)
 
 
+def test_costs_are_timed_with_the_threads_decoding_uses():
+    """torch's Timer runs on one thread unless told: costs measured so misjudged a 2-thread step by 30%."""
+    from draftopd.decoding.costs import median_seconds
+
+    seen, before = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        median_seconds(lambda: seen.append(torch.get_num_threads()), 0.01)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {2}
+
+
 @pytest.mark.parametrize("tiny_pair", ["llama"], indirect=True)
 def test_adaptive_verify_stays_lossless(tiny_pair):
     target, draft = tiny_pair

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftopd.model import packed
-from draftopd.model.packed import PackedLinear, pack_linears, packing_unavailable
+from draftopd.model.packed import PackedLinear, pack_linears, packing_unavailable, unpack_linears
 
 needs_fp32 = pytest.mark.skipif(packing_unavailable(torch.float32) is not None,
                                 reason=f"fp32 packing unavailable: {packing_unavailable(torch.float32)}")
@@ -83,6 +83,11 @@ def test_a_packed_model_keeps_its_parameters_ties_and_copies():
         twin = copy.deepcopy(model)
         torch.testing.assert_close(twin(ids).logits, model(ids).logits)
     assert pack_linears(model) == 0  # already packed: nothing plain left
+    n = sum(type(m) is PackedLinear for m in model.modules())
+    assert unpack_linears(model) == n and not any(type(m) is PackedLinear for m in model.modules())
+    assert not any("_packed" in vars(m) for m in model.modules())  # the copies are dropped
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, twin(ids).logits)
 
 
 def test_unavailable_or_too_big_leaves_the_model_alone_with_one_line(monkeypatch, capsys):

@@ -128,3 +128,15 @@ def pack_linears(model: nn.Module) -> int:
     for m in linears:
         m.__class__ = PackedLinear
     return len(linears)
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Undo `pack_linears` (in place; the packed copies are dropped); how many were packed."""
+    n = 0
+    for m in model.modules():
+        if type(m) is PackedLinear:
+            m.__class__ = nn.Linear
+            m.__dict__.pop("_packed", None)
+            m.__dict__.pop("_packed_key", None)
+            n += 1
+    return n
