@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from draftopd.errors import DraftOPDError
-from draftopd.model import precision
+from draftopd.model import packed, precision
 from draftopd.model.precision import Bf16Probe, auto_dtype, hardware_record, parse_dtype
 
 
@@ -59,10 +59,13 @@ def test_real_probe_is_consistent_with_its_decision():
     assert precision.probe_bf16() is p  # measured once per process
 
 
-def test_hardware_record_names_the_cpu():
+def test_hardware_record_names_the_cpu_and_how_its_linears_run(monkeypatch):
     rec = hardware_record(torch.float32, "cpu")
     assert rec["dtype"] == "float32" and rec["device"] == "cpu"
     assert rec["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert rec["linears"] == ("packed" if packed.packing_unavailable(torch.float32) is None else "plain")
+    monkeypatch.setattr(packed, "packing_unavailable", lambda dtype: "not here")
+    assert hardware_record(torch.float32, "cpu")["linears"] == "plain"
 
 
 def test_load_target_auto_follows_the_probe(probe, tiny_dir):

@@ -117,5 +117,8 @@ def hardware_record(dtype: torch.dtype, device: str | torch.device = "cpu") -> d
     if device.type == "cuda":
         rec["gpu"] = torch.cuda.get_device_name(device)
     else:
+        from draftopd.model.packed import packing_unavailable
+
         rec["cpu_capability"] = cpu_capability()
+        rec["linears"] = "packed" if packing_unavailable(dtype) is None else "plain"  # model/packed.py
     return rec
