@@ -117,3 +117,28 @@ def test_the_embedded_target_loads_packed_with_the_same_logits(smollm):
         got, want = smollm.model(ids).logits, plain(ids).logits
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@needs_fp32
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_frozen_linear_matches_f_linear_forward_backward_and_transposed(dtype):
+    """The training losses' LM head: packed once per weight and layout, repacked after a change."""
+    from draftopd.model.packed import _frozen_packed, frozen_linear
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 24).to(dtype)
+    x = torch.randn(6, 24).to(dtype).requires_grad_(True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    y = frozen_linear(x, w)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = F.linear(ref_x, w)
+    torch.testing.assert_close(y, ref, atol=tol, rtol=tol)
+    g = torch.randn_like(ref)
+    y.backward(g), ref.backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad, atol=tol, rtol=tol)
+    dz = torch.randn(6, 40).to(dtype)
+    torch.testing.assert_close(frozen_linear(dz, w, transposed=True), dz @ w, atol=tol, rtol=tol)
+    assert _frozen_packed(w, False) is _frozen_packed(w, False)  # made once
+    with torch.no_grad():
+        w.mul_(2)
+        torch.testing.assert_close(frozen_linear(x, w), F.linear(x, w), atol=2 * tol, rtol=tol)

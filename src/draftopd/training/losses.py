@@ -14,6 +14,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from draftopd.model.packed import frozen_linear
+
 LOGIT_ROWS = 1024  # rows of [rows, V] logits made at once: 200 MB in fp32 at V = 49K, 600 MB at 152K
 
 
@@ -90,7 +92,7 @@ def _chunks(n: int, chunk: int):
 
 
 def _ce_rows(hidden, head_weight, labels):
-    logits = F.linear(hidden.to(head_weight.dtype), head_weight).float()
+    logits = frozen_linear(hidden.to(head_weight.dtype), head_weight).float()
     return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
 
 
@@ -118,8 +120,8 @@ def _kl_rows(student_h, head_weight, teacher_h, forward, *, temperature, grad):
     """Exact KL per row with its analytic gradient w.r.t. the student logits z (d = log q - log p):
     forward KL(p||q) = -sum p d, dz = q - p;  reverse KL(q||p) = sum q d, dz = q (d - KL).
     About half the elementwise passes over [c, V] that autograd takes."""
-    lq = F.log_softmax(F.linear(student_h.to(head_weight.dtype), head_weight).float(), -1)
-    lp = F.log_softmax(F.linear(teacher_h.to(head_weight.dtype), head_weight).float() / temperature, -1)
+    lq = F.log_softmax(frozen_linear(student_h.to(head_weight.dtype), head_weight).float(), -1)
+    lp = F.log_softmax(frozen_linear(teacher_h.to(head_weight.dtype), head_weight).float() / temperature, -1)
     d = lq - lp
     q, p = lq.exp_(), lp.exp_()
     fwd = -torch.linalg.vecdot(p, d)
@@ -129,7 +131,7 @@ def _kl_rows(student_h, head_weight, teacher_h, forward, *, temperature, grad):
         return value, forward, None
     dz = d.sub_(rev[:, None]).mul_(q)  # reverse rows
     dz[forward] = q[forward] - p[forward]
-    return value, forward, (dz.to(head_weight.dtype) @ head_weight).to(student_h.dtype)
+    return value, forward, frozen_linear(dz.to(head_weight.dtype), head_weight, transposed=True).to(student_h.dtype)
 
 
 def kl_rows(student_h: torch.Tensor, teacher_h: torch.Tensor, head_weight: torch.Tensor, forward: torch.Tensor,
@@ -168,9 +170,9 @@ def k3_estimate(logp_d: torch.Tensor, logq_d: torch.Tensor) -> torch.Tensor:
 
 
 def _sampled_rows(student_h, head_weight, teacher_h, tok_f, w_f, tok_r, w_r, *, temperature, floor, loss_clamp):
-    lq = F.log_softmax(F.linear(student_h.to(head_weight.dtype), head_weight).float(), -1)
+    lq = F.log_softmax(frozen_linear(student_h.to(head_weight.dtype), head_weight).float(), -1)
     with torch.no_grad():
-        lp = F.log_softmax(F.linear(teacher_h.to(head_weight.dtype), head_weight).float() / temperature, -1)
+        lp = F.log_softmax(frozen_linear(teacher_h.to(head_weight.dtype), head_weight).float() / temperature, -1)
     pick = lambda t, i: t.gather(-1, i[:, None])[:, 0]  # noqa: E731
     fwd = bernoulli_forward_kl(pick(lp, tok_f), pick(lq, tok_f), floor).clamp(-loss_clamp, loss_clamp)
     rev = k3_estimate(pick(lp, tok_r), pick(lq, tok_r)).clamp(-loss_clamp, loss_clamp)
