@@ -86,6 +86,7 @@ def test_a_packed_model_keeps_its_parameters_ties_and_copies():
     n = sum(type(m) is PackedLinear for m in model.modules())
     assert unpack_linears(model) == n and not any(type(m) is PackedLinear for m in model.modules())
     assert not any("_packed" in vars(m) for m in model.modules())  # the copies are dropped
+    assert not any(m.weight in packed._PACKED for m in model.modules() if isinstance(m, nn.Linear))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, twin(ids).logits)
 
@@ -123,7 +124,7 @@ def test_the_embedded_target_loads_packed_with_the_same_logits(smollm):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_frozen_linear_matches_f_linear_forward_backward_and_transposed(dtype):
     """The training losses' LM head: packed once per weight and layout, repacked after a change."""
-    from draftopd.model.packed import _frozen_packed, frozen_linear
+    from draftopd.model.packed import frozen_linear, packed_copy
 
     torch.manual_seed(0)
     w = torch.randn(40, 24).to(dtype)
@@ -138,7 +139,7 @@ def test_frozen_linear_matches_f_linear_forward_backward_and_transposed(dtype):
     torch.testing.assert_close(x.grad, ref_x.grad, atol=tol, rtol=tol)
     dz = torch.randn(6, 40).to(dtype)
     torch.testing.assert_close(frozen_linear(dz, w, transposed=True), dz @ w, atol=tol, rtol=tol)
-    assert _frozen_packed(w, False) is _frozen_packed(w, False)  # made once
+    assert packed_copy(w) is packed_copy(w)  # made once
     with torch.no_grad():
         w.mul_(2)
         torch.testing.assert_close(frozen_linear(x, w), F.linear(x, w), atol=2 * tol, rtol=tol)

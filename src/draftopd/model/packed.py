@@ -19,7 +19,6 @@ depend on how many rows are in the call.
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import sys
@@ -58,52 +57,34 @@ def packing_unavailable(dtype: torch.dtype) -> str | None:
     return None
 
 
-class PackedLinear(nn.Linear):
-    """An `nn.Linear` (same parameters, same state dict) that keeps a packed copy of its weight
-    for calls that need no gradient; repacked if the weight has changed since."""
-
-    _packed: torch.Tensor | None = None
-    _packed_key: tuple | None = None
-
-    def _weight_key(self) -> tuple:
-        w = self.weight
-        return w.data_ptr(), w._version, w.dtype, w.device
-
-    def packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        w = self.weight
-        if (x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != w.dtype or x.numel() == 0
-                or packing_unavailable(w.dtype) is not None
-                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            return None
-        key = self._weight_key()
-        if key != self._packed_key:
-            self._packed, self._packed_key = _pack(w), key
-        return self._packed
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.packed_weight(x)
-        if packed is None:
-            return F.linear(x, self.weight, self.bias)
-        y = _packed_linear(x.reshape(-1, self.in_features).contiguous(), packed, self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def __deepcopy__(self, memo):  # the copy repacks on its first call (oneDNN tensors do not copy)
-        clone = self.__class__.__new__(self.__class__)
-        memo[id(self)] = clone
-        clone.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()
-                               if k not in ("_packed", "_packed_key")})
-        return clone
+_PACKED = WeakIdKeyDictionary()  # weight -> {transposed?: ((data_ptr, version, dtype) packed from, packed copy)}
 
 
-_FROZEN = WeakIdKeyDictionary()  # frozen weight -> {transposed?: (key, packed copy)}
-
-
-def _frozen_packed(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+def packed_copy(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """The packed layout of `weight` (of its transpose if `transposed`), made once and again only
+    after the weight has changed (in place, or given new data); one cache for modules and losses."""
     key = (weight.data_ptr(), weight._version, weight.dtype)
-    copies = _FROZEN.setdefault(weight, {})
+    copies = _PACKED.setdefault(weight, {})
     if copies.get(transposed, (None,))[0] != key:
         copies[transposed] = key, _pack(weight.t().contiguous() if transposed else weight)
     return copies[transposed][1]
+
+
+def _packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype and x.numel() > 0
+            and packing_unavailable(weight.dtype) is None)
+
+
+class PackedLinear(nn.Linear):
+    """An `nn.Linear` (same parameters, same state dict) whose calls that need no gradient use the
+    packed copy of its weight (`packed_copy`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if not _packable(x, w) or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+            return F.linear(x, w, self.bias)
+        y = _packed_linear(x.reshape(-1, self.in_features).contiguous(), packed_copy(w), self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -112,25 +93,24 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.weight = weight
-        return _packed_linear(x, _frozen_packed(weight, False), None)
+        return _packed_linear(x, packed_copy(weight), None)
 
     @staticmethod
     def backward(ctx, grad):
-        return _packed_linear(grad.contiguous(), _frozen_packed(ctx.weight, True), None), None
+        return _packed_linear(grad.contiguous(), packed_copy(ctx.weight, True), None), None
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
     """`F.linear(x, weight)` (`x @ weight` if `transposed`) for a frozen weight and [N, *] rows, as the
     training losses apply the LM head: packed on CPU, each layout made once per weight (fp32: ~2x
     faster at 1024 rows here, forward and backward), `F.linear` / `@` where it cannot be."""
-    if (x.dim() != 2 or x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != weight.dtype
-            or x.numel() == 0 or weight.requires_grad or packing_unavailable(weight.dtype) is not None):
+    if x.dim() != 2 or weight.requires_grad or not _packable(x, weight):
         return x @ weight if transposed else F.linear(x, weight)
     if torch.is_grad_enabled() and x.requires_grad and not transposed:
         return _FrozenLinear.apply(x.contiguous(), weight)
     if torch.is_grad_enabled() and x.requires_grad:
         return x @ weight
-    return _packed_linear(x.contiguous(), _frozen_packed(weight, transposed), None)
+    return _packed_linear(x.contiguous(), packed_copy(weight, transposed), None)
 
 
 def _physical_memory() -> int | None:
@@ -175,7 +155,6 @@ def unpack_linears(model: nn.Module) -> int:
     for m in model.modules():
         if type(m) is PackedLinear:
             m.__class__ = nn.Linear
-            m.__dict__.pop("_packed", None)
-            m.__dict__.pop("_packed_key", None)
+            _PACKED.pop(m.weight, None)
             n += 1
     return n
