@@ -182,10 +182,11 @@ def test_generate_json_equals_greedy(smollm, draft_dir, capsys):
     assert got["text"] == tok.decode(new, skip_special_tokens=True)
     assert sum(got["acceptance_lengths"]) == len(new) - 1
     assert all(1 <= a <= 8 for a in got["acceptance_lengths"])
-    # adaptive verify (the default): each step verified 1..8 tokens and committed no more than that
+    # tree verify (the default when greedy): each step verified 1..2B tokens and committed no more than that
     assert len(got["verify_sizes"]) == len(got["acceptance_lengths"])
-    assert all(a <= s <= 8 for a, s in zip(got["acceptance_lengths"], got["verify_sizes"]))
+    assert all(a <= s <= 16 for a, s in zip(got["acceptance_lengths"], got["verify_sizes"]))
     assert 0 <= got["rest_steps"] < len(got["verify_sizes"])
+    assert 0 <= got["branch_steps"] <= len(got["verify_sizes"])
 
 
 def test_export_bf16_keeps_keys(draft_dir, tmp_path, capsys):

@@ -225,26 +225,35 @@ def test_tau_ratio_over_seeds_widens_when_one_training_run_disagrees():
     assert lo <= 1.0 < ratio < hi
 
 
-def test_adaptive_verify_runs_beside_full_blocks_and_stays_lossless(smollm, tmp_path):
-    """--verify both on the shipped drafter: the adaptive twin measures this machine's costs, decodes
-    the same greedy text, verifies 1..B tokens a step, and is not walked (walks verify whole blocks)."""
+def test_adaptive_and_tree_verify_run_beside_full_blocks_and_stay_lossless(smollm, tmp_path):
+    """--verify full,adaptive,tree on the shipped drafter: the twins measure this machine's costs
+    (the tree's up to 2B tokens), decode the same greedy text, and are not walked (walks verify
+    whole blocks); the tree commits more per step than the chain."""
     shipped = load_drafter("smollm2-135m-dflash")
+    B = shipped.block_size
     results = evaluate(smollm, {"shipped": shipped}, ["gsm8k"], samples=1, max_new_tokens=24, out_dir=tmp_path / "out",
-                       progress=False, verify="both")
-    assert list(results["summary"]) == ["shipped", "shipped adaptive"]
+                       progress=False, verify="full,adaptive,tree")
+    assert list(results["summary"]) == ["shipped", "shipped adaptive", "shipped tree"]
     costs = results["config"]["verify_costs"]
-    assert costs["shipped"] is None and len(costs["shipped adaptive"]["verify_ms"]) == shipped.block_size
+    assert costs["shipped"] is None and len(costs["shipped adaptive"]["verify_ms"]) == B
+    assert len(costs["shipped tree"]["verify_ms"]) == 2 * B
+    assert results["config"]["tree_tokens"] == {"shipped": None, "shipped adaptive": None, "shipped tree": 2 * B}
     assert all(t > 0 for t in costs["shipped adaptive"]["verify_ms"]) and costs["shipped adaptive"]["draft_ms"] > 0
-    full, adaptive = (results["summary"][n]["gsm8k"] for n in ("shipped", "shipped adaptive"))
-    assert full["greedy_mismatches"] == adaptive["greedy_mismatches"] == 0
-    assert full["verify_size"] > 1 and 1 <= adaptive["verify_size"] <= shipped.block_size
-    assert full["rest_share"] == 0 and 0 <= adaptive["rest_share"] < 1  # only adaptive lets the drafter rest
+    full, adaptive, tree = (results["summary"][n]["gsm8k"] for n in ("shipped", "shipped adaptive", "shipped tree"))
+    assert full["greedy_mismatches"] == adaptive["greedy_mismatches"] == tree["greedy_mismatches"] == 0
+    assert full["verify_size"] > 1 and 1 <= adaptive["verify_size"] <= B and 1 <= tree["verify_size"] <= 2 * B
+    assert full["rest_share"] == 0 and 0 <= adaptive["rest_share"] < 1  # only the costed policies let the drafter rest
+    assert full["branch_share"] == 0 and tree["branch_share"] > 0 and tree["tau"] > full["tau"]
     runs = {r["drafter"]: r for r in results["samples"] if r["method"] == "draft"}
-    assert runs["shipped"]["output_ids"] == runs["shipped adaptive"]["output_ids"]
+    assert runs["shipped"]["output_ids"] == runs["shipped adaptive"]["output_ids"] == runs["shipped tree"]["output_ids"]
     assert runs["shipped adaptive"]["offline_lengths"] is None and runs["shipped"]["offline_lengths"] is not None
-    with pytest.raises(DraftOPDError, match="verify must be one of full, adaptive, both"):
+    assert "Tree verify (shipped tree: up to 8 tokens)" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(DraftOPDError, match="verify: expected one of full, adaptive, tree"):
         evaluate(smollm, {"shipped": shipped}, ["gsm8k"], samples=1, out_dir=tmp_path / "bad", verify="sometimes")
     with pytest.raises(DraftOPDError, match="'a adaptive' is already a drafter's name"):
         evaluate(smollm, {"a": shipped, "a adaptive": shipped}, ["gsm8k"], samples=1, out_dir=tmp_path / "clash",
                  verify="both")
+    with pytest.raises(DraftOPDError, match="greedy-only"):
+        evaluate(smollm, {"a": shipped}, ["gsm8k"], samples=1, out_dir=tmp_path / "hot", verify="tree", temperature=0.7)
+    assert not (tmp_path / "hot").exists()
     assert not (tmp_path / "bad").exists() and not (tmp_path / "clash").exists()  # refused before writing

@@ -55,15 +55,21 @@ def test_lossless_and_accepted_on_heldout_prompts(smollm, one_torch_thread):
     draft = load_drafter(ALIAS).float()
     tok = smollm.tokenizer
     stops = stop_token_ids(tok, smollm.model.generation_config)
-    lengths = []
+    lengths, tree_lengths, branched = [], [], 0
     for prompt in load_prompts("gsm8k[1200:1201],humaneval[100:101],mt-bench[60:61]"):
         ids = torch.tensor([apply_chat_template(tok, prompt.messages)])
         res = spec_generate(draft, smollm, ids, 48, stop_token_ids=stops)
+        tree = spec_generate(draft, smollm, ids, 48, stop_token_ids=stops, tree_tokens=8)
         ref = smollm.model.generate(ids, do_sample=False, max_new_tokens=48, eos_token_id=stops,
                                     pad_token_id=tok.pad_token_id)
         assert res.output_ids.tolist() == ref.tolist(), prompt.id
+        assert tree.output_ids.tolist() == ref.tolist(), f"{prompt.id} (tree verify)"
         lengths += res.acceptance_lengths
+        tree_lengths += tree.acceptance_lengths
+        branched += tree.branch_steps
     assert sum(lengths) / len(lengths) > 1.2 and max(lengths) >= 4
+    # the drafter's second and later choices do get accepted, and commit more per step than the chain
+    assert branched >= 3 and sum(tree_lengths) / len(tree_lengths) > sum(lengths) / len(lengths)
 
 
 def test_cli_uses_the_shipped_drafter_by_default(capsys):

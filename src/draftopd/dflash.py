@@ -18,6 +18,7 @@ d head dim, V vocabulary, B block size.
 """
 
 import functools
+import heapq
 import inspect
 import math
 import time
@@ -140,6 +141,115 @@ def rejection_accept(
 
 # ---------------------------------------------------------------------------------------------
 # The draft head
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree verification (greedy): one target pass over the drafter's likeliest continuations
+#
+# A DFlash drafter scores every offset of the block in one pass, so its second and third
+# choices cost nothing to get. Where the first choice at an offset is wrong, a sibling often
+# holds the target's token; verifying a small tree of the likeliest paths instead of the one
+# chain commits more per step for a few more verified tokens (EAGLE-2's dynamic tree, built
+# from a block drafter's per-offset distributions). Greedy only: a path is accepted token by
+# token where it equals the target's argmax, so the output is the target's whatever the tree.
+
+TREE_TOP = 8  # candidates per offset a tree may branch into
+
+# attention implementations tested to apply a custom 4D mask together with a KV cache
+# (flash_attention_* and paged kernels take only padding masks: they would verify wrong rows)
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class DraftTree:
+    """Node 0 is the anchor; node i > 0 drafts `tokens[i]` at offset `depths[i]`, after node
+    `parents[i]` (parents come first). `expected[n - 1]`: tokens a step commits on average if
+    its first n nodes are verified, by the drafter's probabilities (1 + the nodes' path values)."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    expected: list[float]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def prefix(self, n: int) -> "DraftTree":
+        """The first n nodes: a tree too, since parents come first."""
+        return DraftTree(self.tokens[:n], self.parents[:n], self.depths[:n], self.expected[:n])
+
+
+def draft_tree(anchor: int, top_probs: torch.Tensor, top_ids: torch.Tensor, nodes: int) -> DraftTree:
+    """The `nodes`-node tree (anchor included) of the likeliest drafted paths.
+
+    top_probs, top_ids [K, k]: the drafter's k best tokens at each of K offsets, best first.
+    A path's value is the product of its tokens' probabilities; nodes come out in decreasing
+    value (best-first: a popped node offers its next sibling and its first child), so every
+    prefix of the result is the best tree of its size and a chain is the all-first-choice case.
+    """
+    probs, ids = top_probs.tolist(), top_ids.tolist()
+    K, k = len(probs), len(probs[0]) if probs else 0
+    tree = DraftTree([int(anchor)], [-1], [0], [1.0])
+    frontier = [(-probs[0][0], 0, 0, 1.0)] if K and k else []  # (-value, node's parent, rank, parent's value)
+    while frontier and len(tree) < nodes:
+        neg, parent, rank, base = heapq.heappop(frontier)
+        depth, value, node = tree.depths[parent] + 1, -neg, len(tree)
+        tree.tokens.append(ids[depth - 1][rank])
+        tree.parents.append(parent)
+        tree.depths.append(depth)
+        tree.expected.append(tree.expected[-1] + value)
+        if rank + 1 < k:
+            heapq.heappush(frontier, (-base * probs[depth - 1][rank + 1], parent, rank + 1, base))
+        if depth < K:
+            heapq.heappush(frontier, (-value * probs[depth][0], node, 0, value))
+    return tree
+
+
+def tree_mask(parents: list[int], context: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive mask [1, 1, n, context + n]: every node sees the context, its ancestors and itself.
+    (Additive, 0 / dtype min: eager attention adds a boolean mask as 0/1, which masks nothing.)"""
+    n = len(parents)
+    seen = torch.zeros(n, context + n, dtype=torch.bool)
+    seen[:, :context] = True
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            seen[i] = seen[parent]
+        seen[i, context + i] = True
+    mask = torch.zeros(n, context + n, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
+    return mask.to(device)[None, None]
+
+
+def tree_accept(tokens: list[int], parents: list[int], target_argmax: list[int]) -> tuple[list[int], int]:
+    """Greedy acceptance over a tree: from the anchor, follow the child that holds the target's
+    token while there is one. target_argmax[i]: the target's choice after node i's path.
+    Returns (the accepted path's nodes, anchor first; the target's token after its last node)."""
+    path = [0]
+    while True:
+        choice = target_argmax[path[-1]]
+        child = next((i for i in range(path[-1] + 1, len(tokens))
+                      if parents[i] == path[-1] and tokens[i] == choice), None)
+        if child is None:
+            return path, choice
+        path.append(child)
+
+
+def keep_cache_rows(cache: DynamicCache, start: int, rows: list[int]) -> None:
+    """Move the cached keys/values of block rows `rows` (offsets from `start`) to start, start+1, ...:
+    the accepted path of a tree, as if it alone had been verified. The caller crops after."""
+    if rows == list(range(len(rows))):
+        return
+    src = torch.tensor(rows) + start
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):  # [b, g, n, d]
+            t[:, :, start : start + len(rows)] = t[:, :, src.to(t.device)]
+
+
+def check_masked_attention(model: nn.Module, what: str) -> None:
+    """Refuse a target whose attention would ignore a custom 4D mask (one line)."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in MASKED_ATTENTION:
+        raise DraftOPDError(f"{what} needs a custom 4D attention mask, which attn_implementation={impl!r} "
+                            f"ignores; load the target with one of {', '.join(MASKED_ATTENTION)}")
 
 
 @dataclass
@@ -558,15 +668,17 @@ class VerifyCosts:
     def verify_size(self, confidence: list[float]) -> int:
         """Tokens to verify (1..B), from the drafter's confidence at each offset ([B-1], the peak of
         its distribution there): expected tokens of s = 1 + sum_{j<s} prod_{i<=j} confidence_i."""
-        best, best_rate, expected, reach = 1, 0.0, 1.0, 1.0
-        for s, seconds in enumerate(self.verify[: len(confidence) + 1], start=1):
-            if s > 1:
-                reach *= confidence[s - 2]
-                expected += reach
-            rate = expected / (self.draft + seconds)
-            if rate > best_rate:
-                best, best_rate = s, rate
-        return best
+        expected, reach = [1.0], 1.0
+        for c in confidence:
+            reach *= c
+            expected.append(expected[-1] + reach)
+        return self.best_size(expected)
+
+    def best_size(self, expected: list[float]) -> int:
+        """The n (1..) whose expected committed tokens, `expected[n - 1]`, per second of a step that
+        verifies n tokens is highest (a chain's prefix, or a `DraftTree`'s first n nodes)."""
+        rates = [e / (self.draft + t) for e, t in zip(expected, self.verify)]
+        return 1 + max(range(len(rates)), key=rates.__getitem__)
 
     @staticmethod
     def rest_after(size: int, rest: int) -> int:
@@ -586,6 +698,7 @@ class SpecResult:
     accepted_drafts: list[int] = field(default_factory=list)  # drafts among them (the last step's may all be)
     verify_sizes: list[int] = field(default_factory=list)  # tokens the target verified per step (anchor + drafts)
     rest_steps: int = 0  # steps without a draft (adaptive verify: the drafter was not paying)
+    branch_steps: int = 0  # tree verify: steps that accepted a draft other than the drafter's first choice
     time_to_first_token: float = 0.0
     time_per_output_token: float = 0.0
 
@@ -662,14 +775,23 @@ def spec_generate(
     generator: torch.Generator | None = None,
     on_tokens=None,
     verify_costs: VerifyCosts | None = None,
+    tree_tokens: int | None = None,
 ) -> SpecResult:
     """Decode up to `max_new_tokens` after `input_ids` [1, n]; `on_tokens(list[int])` streams each commit.
-    `verify_costs` (this machine's, see `VerifyCosts`) verifies only the drafts that pay; None: every block whole."""
+    `verify_costs` (this machine's, see `VerifyCosts`) verifies only the drafts that pay; None: every block whole.
+    `tree_tokens` (greedy only): verify a tree of the drafter's likeliest paths of up to this many tokens,
+    anchor included (`draft_tree`; with `verify_costs`, the size that pays each step) instead of one chain."""
     target = _as_model(target)
     B = draft.block_size if block_size is None else int(block_size)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     _check_arguments(input_ids, max_new_tokens, B, temperature, top_p, top_k)
+    if tree_tokens is not None:
+        if tree_tokens < 1:
+            raise DraftOPDError(f"tree_tokens must be >= 1, got {tree_tokens}")
+        if temperature != 0:
+            raise DraftOPDError(f"tree verify is greedy-only (temperature 0), got temperature {temperature}")
+        check_masked_attention(target, "tree verify")
     if B > 1:
         draft.check_target(target)
         draft.eval()
@@ -719,7 +841,7 @@ def spec_generate(
     while start + 1 < max_length and not stopped:
         size = min(B, max_length - start)  # block tokens to verify
         block = out[start : start + B].clone()
-        draft_probs = None
+        draft_probs, tree = None, None
         drafting = B > 1 and not resting
         if not drafting and B > 1:  # the drafter rests: the target alone, its features kept for later
             resting -= 1
@@ -736,20 +858,39 @@ def spec_generate(
                 cache=draft_cache,
             )
             draft_logits = draft.compute_logits(hidden[0, 1:size], draft_head)
-            rows, draft_probs = choose(draft_logits)
-            if verify_costs is not None:  # verify the drafts that pay for themselves here
-                chosen = verify_costs.verify_size(confidence(draft_logits, draft_probs))
-                rest = resting = verify_costs.rest_after(chosen, rest)
-                size = min(size, chosen)
-                rows, draft_probs = rows[: size - 1], None if draft_probs is None else draft_probs[: size - 1]
-            block[1:size] = draft_head.tokens(rows)
-            draft_probs = None if draft_probs is None else draft_head.full(draft_probs)
-            block = block[:size]
-        keep = {"logits_to_keep": positions[: min(size, VERIFY_ROWS)]} if lazy else {}  # the first rows only
-        o = target(input_ids=block[None], position_ids=positions[None, start : start + size],
-                   **{kw: target_cache}, use_cache=True, output_hidden_states=B > 1, **keep)
+            if tree_tokens is not None:
+                top = draft_logits.float().softmax(-1).topk(min(TREE_TOP, max(tree_tokens - 1, 1), draft_logits.shape[-1]))
+                tree = draft_tree(int(block[0]), top.values, draft_head.tokens(top.indices), tree_tokens)
+                if verify_costs is not None:  # the first nodes that pay for themselves here
+                    tree = tree.prefix(verify_costs.best_size(tree.expected))
+                    rest = resting = verify_costs.rest_after(len(tree), rest)
+                size, block = len(tree), torch.tensor(tree.tokens, device=device)
+                if all(parent == i - 1 for i, parent in enumerate(tree.parents)):
+                    tree = None  # a chain: verified as one, bit for bit
+            else:
+                rows, draft_probs = choose(draft_logits)
+                if verify_costs is not None:  # verify the drafts that pay for themselves here
+                    chosen = verify_costs.verify_size(confidence(draft_logits, draft_probs))
+                    rest = resting = verify_costs.rest_after(chosen, rest)
+                    size = min(size, chosen)
+                    rows, draft_probs = rows[: size - 1], None if draft_probs is None else draft_probs[: size - 1]
+                block[1:size] = draft_head.tokens(rows)
+                draft_probs = None if draft_probs is None else draft_head.full(draft_probs)
+                block = block[:size]
+        if tree is None:
+            keep = {"logits_to_keep": positions[: min(size, VERIFY_ROWS)]} if lazy else {}  # the first rows only
+            o = target(input_ids=block[None], position_ids=positions[None, start : start + size],
+                       **{kw: target_cache}, use_cache=True, output_hidden_states=B > 1, **keep)
+        else:  # each node sees the context and its own path, at its path's positions
+            o = target(input_ids=block[None], position_ids=start + torch.tensor([tree.depths], device=device),
+                       attention_mask=tree_mask(tree.parents, start, embed.weight.dtype, device),
+                       **{kw: target_cache}, use_cache=True, output_hidden_states=True)
         logits = o.logits[0]  # [rows, V]: the target's next-token logits after the first block tokens
-        if greedy:
+        if tree is not None:
+            path, nxt = tree_accept(tree.tokens, tree.parents, logits.argmax(-1).tolist())
+            keep_cache_rows(target_cache, start, path)
+            result.branch_steps += 1 if path != list(range(len(path))) else 0
+        elif greedy:
             def argmax_rows(s, e):
                 rows = logits[s:e] if e <= logits.shape[0] else head(o.hidden_states[-1][0, s:e])
                 return rows.argmax(-1)
@@ -758,14 +899,17 @@ def spec_generate(
         else:
             r, nxt = rejection_accept(block[1:], sampling_probs(logits, temperature, top_p, top_k),
                                       draft_probs if size > 1 else logits[:0], generator)
-        committed = block[1 : r + 1].tolist() + [nxt]
+        if tree is None:
+            path = list(range(r + 1))  # the block rows committed: the anchor, then accepted drafts
+        r = len(path) - 1
+        committed = [block.tolist()[i] for i in path[1:]] + [nxt]
         produced = min(r + 1, max_length - start - 1)
         hit = next((i for i, t in enumerate(committed[:produced]) if t in stops), None)
         if hit is not None:
             produced, stopped = hit + 1, True
         out[start + 1 : start + 1 + produced] = torch.tensor(committed[:produced], device=device)
         if B > 1:  # the committed rows' features, after any the resting drafter has not seen
-            fresh = context_features(o.hidden_states, draft.target_layer_ids)[:, :produced]
+            fresh = context_features(o.hidden_states, draft.target_layer_ids)[:, path[:produced]]
             pending = fresh if drafting else torch.cat([pending, fresh], dim=1)
         if on_tokens is not None:
             on_tokens(committed[:produced])

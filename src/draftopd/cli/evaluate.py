@@ -5,7 +5,7 @@ import sys
 
 from draftopd.cli import DTYPE_CHOICES, DTYPE_HELP
 from draftopd.data.prompts import hub_dataset
-from draftopd.evaluation import VERIFY_MODES
+from draftopd.decoding.verify import POLICIES
 from draftopd.evaluation.paper import PRESET, TASKS, paper_samples
 
 SAMPLES = 8
@@ -115,11 +115,13 @@ def register(sub) -> None:
     s.add_argument("--out", default="runs/eval", help="output directory (default %(default)s)")
     s.add_argument("--resume", action="store_true", help="skip runs already in OUT/samples.jsonl")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in OUT")
-    s.add_argument("--verify", choices=VERIFY_MODES, default="full",
-                   help="full: verify every drafted block whole (tau as published; default); adaptive: measure "
-                        "this machine's verify cost per width first, then verify only the drafts whose expected "
-                        "acceptance pays for it (faster where a wider verify costs more, e.g. fp32 CPUs); both: "
-                        "each drafter both ways, the adaptive one named 'NAME adaptive'")
+    s.add_argument("--verify", default="full", metavar="POLICY[,POLICY]",
+                   help=f"one of {', '.join(POLICIES)}, or a comma list (each drafter runs each way; the first keeps "
+                        "its name, the others are named 'NAME POLICY'; 'both' = full,adaptive). full: verify every "
+                        "drafted block whole (tau as published; default); adaptive: measure this machine's verify "
+                        "cost per width first, then verify only the drafts whose expected acceptance pays for it; "
+                        "tree (greedy): verify a tree of the drafter's likeliest paths (its top choices at each "
+                        "offset), cut each step to the size that pays at the same costs")
     s.add_argument("--offline-rollouts", default=None, metavar="DIR",
                    help="also report offline tau (exact greedy, no decoding) on this target's cached rollouts")
     s.set_defaults(func=cmd_eval)

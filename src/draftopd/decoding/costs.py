@@ -74,15 +74,18 @@ def median_seconds(fn: Callable[[], None], min_run_time: float) -> float:
 
 
 def measure_verify_costs(target, draft: DFlashDraftModel, block_size: int | None = None,
-                         min_run_time: float = 0.2) -> VerifyCosts:
+                         min_run_time: float = 0.2, tokens: int | None = None) -> VerifyCosts:
     """This machine's `VerifyCosts` for `draft` on `target` (draftopd's Target or a bare HF model)
-    at `block_size` (default: the drafter's): about (B + 1) x `min_run_time` seconds."""
+    at `block_size` (default: the drafter's), for verify passes of 1..max(B, `tokens`) tokens (a
+    tree verifies more than B): about (that + 1) x `min_run_time` seconds. A tree's mask costs
+    no more than the causal one (measured: within 2%), so chains time both."""
     target = bare_model(target)
     draft.check_target(target)  # a drafter for another target: one line, before any forward
     B = block_size or draft.block_size
-    timers = StepTimers(target, draft, B)
+    widest = max(B, tokens or 0)
+    timers = StepTimers(target, draft, widest)
     head = draft.draft_head(target.get_output_embeddings())
     timers.draft_step(B, head)()  # first calls pay for lazy initialisation
-    timers.target_step(B)()
+    timers.target_step(widest)()
     return VerifyCosts(draft=median_seconds(timers.draft_step(B, head), min_run_time),
-                       verify=[median_seconds(timers.target_step(n), min_run_time) for n in range(1, B + 1)])
+                       verify=[median_seconds(timers.target_step(n), min_run_time) for n in range(1, widest + 1)])

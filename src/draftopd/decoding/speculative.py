@@ -7,6 +7,9 @@ carries as its remote code, so `AutoModel.from_pretrained(dir, trust_remote_code
 code cannot import draftopd, and its callers hold the bare model.
 """
 
-from draftopd.dflash import MAX_REST, VERIFY_ROWS, SpecResult, VerifyCosts, crop_cache, spec_generate  # noqa: F401
+from draftopd.dflash import (  # noqa: F401
+    MAX_REST, VERIFY_ROWS, DraftTree, SpecResult, VerifyCosts, check_masked_attention, crop_cache, draft_tree,
+    keep_cache_rows, spec_generate, tree_accept, tree_mask,
+)
 from draftopd.dflash import _as_model as bare_model  # noqa: F401  (the HF model of a Target, or the model itself)
 from draftopd.dflash import _cache_kwarg as cache_kwarg  # noqa: F401  (the KV-cache keyword a forward takes)

@@ -22,7 +22,7 @@ from draftopd.data.prompts import Prompt, apply_chat_template, hub_dataset, load
 from draftopd.data.rollouts import RolloutSettings, generation_config, pad_token_id
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
-from draftopd.evaluation import VERIFY_MODES
+from draftopd.evaluation import verify_policies
 from draftopd.evaluation.metrics import mean_tau, speedup, summarize_runs
 from draftopd.hub import HUB_TIMEOUT_S, offline
 from draftopd.io import check_output_dir, holds
@@ -188,24 +188,24 @@ class Runner:
     """Decodes one prompt with every method; knows the decoding settings shared by all runs."""
 
     def __init__(self, target, drafters: dict, block_sizes: dict[str, int], *, temperature: float,
-                 max_new_tokens: int, seed: int, verify_costs: dict | None = None):
+                 max_new_tokens: int, seed: int, verify: dict | None = None):
         self.target, self.drafters, self.block_sizes = target, drafters, block_sizes
-        self.verify_costs = verify_costs or {}  # name -> VerifyCosts (adaptive verify) or None (whole blocks)
+        self.verify = verify or {}  # name -> spec_generate keywords of its verify policy ({}: whole blocks)
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
         self.stops = target.stop_token_ids
         self.pad_id = pad_token_id(target.tokenizer, self.stops)
 
     def loop(self, draft, ids: torch.Tensor, block_size: int, seed: int, max_new_tokens: int | None = None,
-             verify_costs=None) -> dict:
+             verify: dict | None = None) -> dict:
         """spec_generate; block_size 1 (and no drafter) is the target alone."""
         gen = torch.Generator(device=self.target.device).manual_seed(seed)
         res = spec_generate(draft, self.target, ids, max_new_tokens or self.max_new_tokens,
                             temperature=self.temperature, stop_token_ids=self.stops, block_size=block_size,
-                            generator=gen, verify_costs=verify_costs)
+                            generator=gen, **(verify or {}))
         return {"output_ids": res.output_ids[0, res.num_input_tokens:].tolist(),
                 "num_input_tokens": res.num_input_tokens, "num_output_tokens": res.num_output_tokens,
                 "acceptance_lengths": res.acceptance_lengths, "verify_sizes": res.verify_sizes, "tau": res.tau,
-                "rest_steps": res.rest_steps, "time_to_first_token": res.time_to_first_token, "time_per_output_token": res.time_per_output_token}
+                "rest_steps": res.rest_steps, "branch_steps": res.branch_steps, "time_to_first_token": res.time_to_first_token, "time_per_output_token": res.time_per_output_token}
 
     @torch.inference_mode()
     def hf_generate(self, ids: torch.Tensor, seed: int, max_new_tokens: int | None = None) -> dict:
@@ -229,7 +229,7 @@ class Runner:
         self.loop(None, ids, 1, self.seed, n)
         self.hf_generate(ids, self.seed, n)
         for name, draft in self.drafters.items():
-            self.loop(draft, ids, self.block_sizes[name], self.seed, n, self.verify_costs.get(name))
+            self.loop(draft, ids, self.block_sizes[name], self.seed, n, self.verify.get(name))
 
     def sample(self, log: SampleLog, bench: str, sample_id: str, prompt_ids: list[int]) -> None:
         """Every method not yet in `log` on one prompt; greedy drafter runs are also checked
@@ -246,13 +246,13 @@ class Runner:
         for name, draft in self.drafters.items():
             if log.get(bench, sample_id, DRAFT, name) is not None:
                 continue
-            B, costs = self.block_sizes[name], self.verify_costs.get(name)
+            B, verify = self.block_sizes[name], self.verify.get(name)
             rec = {**head, "method": DRAFT, "drafter": name, "block_size": B, **self.loop(draft, ids, B, seed,
-                                                                                           verify_costs=costs)}
+                                                                                           verify=verify)}
             if self.temperature == 0:
                 rec["match"] = rec["output_ids"] == base
                 rec["offline_lengths"] = None
-                if B == draft.block_size and costs is None:  # the walk drafts and verifies whole blocks
+                if B == draft.block_size and not verify:  # the walk drafts and verifies whole blocks
                     seq = TokenSequence(torch.tensor(prompt_ids + base), len(prompt_ids))
                     rec["offline_lengths"] = offline_walks(draft, self.target.model, [seq])[0].lengths
             log.add(rec)
@@ -284,6 +284,7 @@ def summarize(records: list[dict], benches: list[str], block_sizes: dict[str, in
             verified = [n for r in rs for n in r.get("verify_sizes") or []]
             s["verify_size"] = sum(verified) / len(verified) if verified else None  # tokens verified per step
             s["rest_share"] = sum(r.get("rest_steps", 0) for r in rs) / len(verified) if verified else None
+            s["branch_share"] = sum(r.get("branch_steps", 0) for r in rs) / len(verified) if verified else None
             summary[name][b] = s
 
         def avg(key):
@@ -338,9 +339,9 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
     as samples with id suffix ":turnN". `offline_rollouts` (a rollout directory of this target)
     adds the exact greedy tau of each drafter on those cached responses, without decoding.
     An earlier evaluation in `out_dir` is continued (`resume`) or replaced (`overwrite`), never
-    silently; a directory holding anything else is refused. `verify`: "full" verifies whole
-    blocks (tau as published), "adaptive" only the drafts that pay on this machine (measured
-    `VerifyCosts`), "both" runs each drafter both ways, the adaptive one named "NAME adaptive".
+    silently; a directory holding anything else is refused. `verify`: a policy of
+    `decoding.verify` ("full": whole blocks, tau as published; "adaptive"; "tree") or a comma
+    list of them (`verify_policies`), each drafter run each way.
     """
     from draftopd.evaluation.report import write_report
 
@@ -358,10 +359,11 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
         raise DraftOPDError("need at least one drafter and one benchmark")
     if len(set(benches)) != len(benches):
         raise DraftOPDError(f"a benchmark is listed twice: {benches}")
-    if verify not in VERIFY_MODES:
-        raise DraftOPDError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
-    if verify == "both" and (clash := sorted({f"{n} adaptive" for n in drafters} & set(drafters))):
-        raise DraftOPDError(f"verify both names each drafter's adaptive twin 'NAME adaptive', but {clash[0]!r} "
+    policies = verify_policies(verify)
+    if "tree" in policies and temperature != 0:
+        raise DraftOPDError(f"verify tree is greedy-only (temperature 0), got temperature {temperature}")
+    if clash := sorted({f"{n} {p}" for n in drafters for p in policies[1:]} & set(drafters)):
+        raise DraftOPDError(f"verify {verify} names each drafter's twins 'NAME POLICY', but {clash[0]!r} "
                             "is already a drafter's name; rename it")
     for name, draft in drafters.items():
         check_drafter(draft, target, name)
@@ -379,9 +381,9 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
     check_eval_dir(out, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     log = SampleLog(out, settings, resume)
-    drafters, sizes, costs = _verify_variants(target, drafters, sizes, verify)
+    drafters, sizes, options = _verify_variants(target, drafters, sizes, policies, temperature)
     runner = Runner(target, drafters, sizes, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                    verify_costs=costs)
+                    verify=options)
     ids = [(b, i) for b in benches for p in prompts[b] for i in _sample_ids(p)]  # this run's samples, in order
     methods = [(LOOP, None), (HF, None)] + [(DRAFT, n) for n in drafters]
     t0 = time.perf_counter()
@@ -398,31 +400,33 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
                           "draft_vocab": {n: None if d.draft_vocab is None else len(d.draft_vocab)
                                           for n, d in drafters.items()},
                           "offline_rollouts": str(offline_rollouts) if offline_rollouts else None,
-                          "verify_costs": {n: None if c is None else {"draft_ms": c.draft * 1e3,
-                                                                       "verify_ms": [t * 1e3 for t in c.verify]}
-                                           for n, c in costs.items()},
+                          "verify_costs": {n: None if not o else {"draft_ms": o["verify_costs"].draft * 1e3,
+                                                                   "verify_ms": [t * 1e3 for t in o["verify_costs"].verify]}
+                                           for n, o in options.items()},
+                          "tree_tokens": {n: o.get("tree_tokens") for n, o in options.items()},
                           "seconds": time.perf_counter() - t0},
                **summarize(records, list(benches), sizes),
                "offline_rollouts": ({name: offline_tau(d, target.model, rollouts) for name, d in drafters.items()
-                                     if costs[name] is None} if rollouts else None),
+                                     if not options[name]} if rollouts else None),
                "samples": records}
     write_report(out, results)
     return results
 
 
-def _verify_variants(target, drafters: dict, sizes: dict, verify: str) -> tuple[dict, dict, dict]:
-    """(drafters, block sizes, verify costs) by name for the `verify` mode; "both" adds an
-    adaptive twin of each drafter. Costs are measured here, once per drafter and block size."""
-    from draftopd.decoding.costs import measure_verify_costs
+def _verify_variants(target, drafters: dict, sizes: dict, policies: list[str], temperature: float
+                     ) -> tuple[dict, dict, dict]:
+    """(drafters, block sizes, spec_generate verify keywords) by name, one variant per drafter and
+    policy: the first policy's keeps the drafter's name, the others are "NAME POLICY". Costs are
+    measured here, once per drafter and policy."""
+    from draftopd.decoding.verify import verify_options
 
-    if verify == "full":
-        return drafters, sizes, dict.fromkeys(drafters)
-    measured = {n: measure_verify_costs(target.model, d, sizes[n]) for n, d in drafters.items()}
-    if verify == "adaptive":
-        return drafters, sizes, measured
-    twin = {n: f"{n} adaptive" for n in drafters}
-    return ({**drafters, **{twin[n]: d for n, d in drafters.items()}}, {**sizes, **{twin[n]: b for n, b in sizes.items()}},
-            {**dict.fromkeys(drafters), **{twin[n]: c for n, c in measured.items()}})
+    out_drafters, out_sizes, options = {}, {}, {}
+    for i, policy in enumerate(policies):
+        for name, draft in drafters.items():
+            variant = name if i == 0 else f"{name} {policy}"
+            out_drafters[variant], out_sizes[variant] = draft, sizes[name]
+            options[variant] = verify_options(policy, target.model, draft, sizes[name], temperature)
+    return out_drafters, out_sizes, options
 
 
 def _running_tau(log: SampleLog, bench: str, done: list[str], drafters: dict) -> str:

@@ -91,16 +91,23 @@ def _published_note(results: dict) -> list[str]:
 
 
 def _verify_note(c: dict) -> list[str]:
-    """How wide the verify passes were: whole blocks, or adaptive with the costs measured here."""
+    """How wide the verify passes were: whole blocks, or adaptive/tree with the costs measured here."""
     measured = {n: v for n, v in (c.get("verify_costs") or {}).items() if v}
     if not measured:
         return []
+    trees = {n: t for n, t in (c.get("tree_tokens") or {}).items() if t}
     costs = "; ".join(f"{n}: drafter {v['draft_ms']:.1f} ms, verify of 1..{len(v['verify_ms'])} tokens "
                       + " / ".join(f"{t:.1f}" for t in v["verify_ms"]) + " ms" for n, v in measured.items())
-    return [f"Adaptive verify: these drafters verify only the drafts whose expected acceptance pays for the wider "
-            f"pass, by the costs measured here ({costs}), and their drafter rests (the target decodes alone) for "
-            f"1, 2, 4, ... up to {MAX_REST} steps after each draft not worth verifying; τ counts those steps too "
-            f"(one token each).", ""]
+    lines = [f"Adaptive verify: these drafters verify only the drafts whose expected acceptance pays for the wider "
+             f"pass, by the costs measured here ({costs}), and their drafter rests (the target decodes alone) for "
+             f"1, 2, 4, ... up to {MAX_REST} steps after each draft not worth verifying; τ counts those steps too "
+             f"(one token each)."]
+    if trees:
+        lines.append("Tree verify (" + ", ".join(f"{n}: up to {t} tokens" for n, t in trees.items()) + "): the "
+                     "verified drafts are a tree of the drafter's likeliest paths (its top choices at each offset), "
+                     "cut to the size that pays; a step commits the longest path the target agrees with, plus "
+                     "the target's next token.")
+    return [" ".join(lines), ""]
 
 
 def markdown(results: dict) -> str:

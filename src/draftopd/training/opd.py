@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from draftopd.decoding.speculative import cache_kwarg, spec_generate
-from draftopd.errors import DraftOPDError
+from draftopd.decoding.speculative import cache_kwarg, check_masked_attention, spec_generate
 from draftopd.model.drafter import DFlashDraftModel, context_features
 from draftopd.model.target import stop_token_ids
 from draftopd.seeds import stream
@@ -55,19 +54,6 @@ def verify_mask(limit: torch.Tensor, block: torch.Tensor, present: torch.Tensor,
     return torch.cat([text & present[..., None], own], dim=-1)[:, None]
 
 
-# attention implementations tested to apply the verify pass's 4D mask together with a KV cache
-# (flash_attention_* and paged kernels take only padding masks: they would score wrong teachers)
-MASKED_ATTENTION = ("sdpa", "eager")
-
-
-def check_masked_attention(target: PreTrainedModel) -> None:
-    """Refuse a target whose attention would ignore the verify pass's custom mask."""
-    impl = getattr(base_model(target).config, "_attn_implementation", None) or "eager"
-    if impl not in MASKED_ATTENTION:
-        raise DraftOPDError(f"OPD's verify pass needs a custom 4D attention mask, which attn_implementation="
-                            f"{impl!r} ignores; load the target with one of {', '.join(MASKED_ATTENTION)}")
-
-
 @torch.no_grad()
 def verify_states(target: PreTrainedModel, cache: DynamicCache, blocks: torch.Tensor, anchors: torch.Tensor,
                   accepted: torch.Tensor, feed: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -80,7 +66,7 @@ def verify_states(target: PreTrainedModel, cache: DynamicCache, blocks: torch.Te
     packed tokens (one verify per cache). The mask goes in additive (0 / dtype min): eager
     attention adds a boolean mask to the scores as 0/1, which masks nothing.
     """
-    check_masked_attention(target)
+    check_masked_attention(base_model(target), "OPD's verify pass")
     b, m, w = blocks.shape
     feed = feed.reshape(b, m * w)
     out = torch.zeros(b, m * w, target.config.hidden_size, device=blocks.device)
@@ -217,7 +203,7 @@ class OPDStep:
         # the committed correction token's forward term: the paper has none (exact), the public code has one (sampled)
         cf = self.o.correction_forward
         self.correction_forward = self.o.loss == "sampled" if cf is None else cf
-        check_masked_attention(target)
+        check_masked_attention(base_model(target), "OPD's verify pass")
         temperature = rollout_temperature(rollout_meta)
         if self.o.rollout_mode == "cached" and temperature > 0:
             warnings.warn(f"opd.rollout_mode=cached on rollouts sampled at temperature {temperature:g}: the greedy "
