@@ -359,8 +359,10 @@ def check_decoding(run: Run) -> dict:
         ref = hf_greedy(target, ids, n).tolist()
         proposals = planted_proposals(torch.tensor(ref), plan.target["vocab_size"], plan.block_size, seed=200 + i)
         rand = spec_generate(draft, target, ids, n)
+        rand_tree = spec_generate(draft, target, ids, n, tree_tokens=2 * plan.block_size)
         with forced_drafts(draft, head, proposals):
             forced = spec_generate(draft, target, ids, n)
+            forced_tree = spec_generate(draft, target, ids, n, tree_tokens=2 * plan.block_size)
             forced_walk = offline_walks(draft, target, [SimpleNamespace(ids=forced.output_ids[0], prompt_len=P)])[0]
         rand_walk = offline_walks(draft, target, [SimpleNamespace(ids=rand.output_ids[0], prompt_len=P)])[0]
         planned = planned_lengths(proposals, torch.tensor(ref), P, plan.block_size)
@@ -371,16 +373,19 @@ def check_decoding(run: Run) -> dict:
             "forced_equal": forced.output_ids[0].tolist() == ref,
             "forced_first_difference": first_difference(forced.output_ids[0].tolist()[P:], ref[P:]),
             "forced_tau": forced.tau, "planned_tau": sum(planned) / len(planned),
+            "tree_equal": rand_tree.output_ids[0].tolist() == ref and forced_tree.output_ids[0].tolist() == ref,
+            "forced_tree_tau": forced_tree.tau, "forced_tree_branch_steps": forced_tree.branch_steps,
             "forced_as_planned": forced.acceptance_lengths == planned,
             "walk_agreement_random": agreement(rand_walk.lengths, rand.acceptance_lengths),
             "walk_agreement_forced": agreement(forced_walk.lengths, forced.acceptance_lengths),
         })
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-    return {"greedy_equal": all(r["random_equal"] and r["forced_equal"] for r in rows),
+    return {"greedy_equal": all(r["random_equal"] and r["forced_equal"] and r["tree_equal"] for r in rows),
             "acceptance_as_planned": all(r["forced_as_planned"] for r in rows),
             "walk_equals_live": all(r["walk_agreement_random"] == 1 and r["walk_agreement_forced"] == 1 for r in rows),
             "walk_agreement": (mean("walk_agreement_random") + mean("walk_agreement_forced")) / 2,
             "tau_random": mean("random_tau"), "tau_forced": mean("forced_tau"), "tau_planned": mean("planned_tau"),
+            "tau_forced_tree": mean("forced_tree_tau"),
             "prompts": rows}
 
 

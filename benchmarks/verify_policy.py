@@ -2,9 +2,10 @@
 
 Times nothing but the costs: the drafter drafts every block of each held-out text in one pass
 (exact: greedy decoding commits the same tokens at the same anchors), which gives, per anchor,
-its confidence at each offset and how many drafts the target accepts. Walking those with
-`VerifyCosts.verify_size` and `VerifyCosts.rest_after` (the functions `spec_generate` uses)
-and the costs of one step gives the speedup of each policy on each task:
+its distribution's top choices at each offset and the text's tokens there. Walking those with
+`VerifyCosts.verify_size`, `VerifyCosts.rest_after`, and for trees `draft_tree`,
+`VerifyCosts.best_size` and `tree_accept` (the functions `spec_generate` uses) and the costs of
+one step gives the speedup of each policy on each task:
 
     speedup = tokens x T_1 / sum over steps of (T_draft + T_s, or T_1 for a rest step)
 
@@ -15,6 +16,8 @@ measured 1.00x and 0.82x. Held-out texts: fp32 greedy rollouts of prompts no dra
         --max-new-tokens 128 --dtype fp32 --out runs/heldout
     python benchmarks/verify_policy.py --rollouts runs/heldout                         # costs measured here
     python benchmarks/verify_policy.py --rollouts runs/heldout --costs 6.0:41.6,67.7,82.9,61.2   # ms, given
+
+Give costs for 1..2B tokens to predict tree verify up to 2B (with B only, trees stop at B).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 
 from draftopd.data.rollouts import load_rollouts
 from draftopd.decoding.costs import measure_verify_costs
-from draftopd.decoding.speculative import VerifyCosts
+from draftopd.decoding.speculative import TREE_TOP, VerifyCosts, draft_tree, tree_accept
+from draftopd.decoding.verify import TREE_TOKENS_PER_BLOCK
 from draftopd.errors import DraftOPDError
 from draftopd.evaluation.bench import TokenSequence
 from draftopd.model.checkpoint import load_drafter
@@ -36,7 +40,7 @@ from draftopd.model.target import load_target
 from draftopd.training.blocks import block_labels, replay
 from draftopd.training.onpolicy import text_features
 
-POLICIES = ("whole blocks", "adaptive, no rest", "adaptive")
+POLICIES = ("whole blocks", "adaptive, no rest", "adaptive", "tree")
 
 
 def parse_costs(text: str) -> VerifyCosts:
@@ -49,35 +53,44 @@ def parse_costs(text: str) -> VerifyCosts:
 
 
 @torch.no_grad()
-def anchor_table(draft, target, sequences) -> list[tuple[list[list[float]], list[int]]]:
-    """Per text, per anchor from the prompt's end: (confidence at offsets 1..B-1, drafts accepted)."""
+def anchor_table(draft, target, sequences) -> list[dict]:
+    """Per text, per anchor from the prompt's end: the drafter's top choices (probabilities
+    [B-1, k], token ids [B-1, k]) and the text's tokens at offsets 1..B-1 (-1 past its end)."""
     embed, head = target.get_input_embeddings(), draft.draft_head(target.get_output_embeddings())
     B, table = draft.block_size, []
     for seq, feats in zip(sequences, text_features(target, sequences, draft.target_layer_ids)):
         ids, L = seq.ids[None], seq.ids.shape[0]
         anchors = torch.arange(seq.prompt_len, L - 1)[None]
         probs = head(replay(draft, embed, feats, ids, anchors)[0, :, 1:]).float().softmax(-1)  # [m, B-1, V']
-        confidence, rows = probs.max(-1)
-        labels = block_labels(ids, anchors, B, torch.tensor([L]))[0, :, 1:]
-        accepted = ((head.tokens(rows) == labels) & (labels >= 0)).long().cumprod(-1).sum(-1)
-        table.append((confidence.tolist(), accepted.tolist()))
+        top = probs.topk(min(TREE_TOP, probs.shape[-1]), -1)
+        table.append({"top_p": top.values, "top_ids": head.tokens(top.indices),
+                      "labels": block_labels(ids, anchors, B, torch.tensor([L]))[0, :, 1:].tolist()})
     return table
 
 
-def walk(confidence, accepted, costs: VerifyCosts, policy: str) -> tuple[int, float, int, int]:
+def walk(text: dict, costs: VerifyCosts, policy: str, B: int) -> tuple[int, float, int, int]:
     """One text decoded under `policy`: (tokens, seconds, steps, rest steps)."""
+    top_p, top_ids, labels = text["top_p"], text["top_ids"], text["labels"]
     a, tokens, seconds, steps, rests, rest, resting = 0, 0, 0.0, 0, 0, 0, 0
-    B = len(costs.verify)
-    while a < len(accepted):
+    while a < len(labels):
         if resting:
             resting, n, t = resting - 1, 1, costs.verify[0]
             rests += 1
+        elif policy == "tree":
+            tree = draft_tree(0, top_p[a], top_ids[a], TREE_TOKENS_PER_BLOCK * B)
+            tree = tree.prefix(costs.best_size(tree.expected))
+            rest = resting = VerifyCosts.rest_after(len(tree), rest)
+            # the target's choice after a node on the text's path is the text's next token (others are never asked)
+            path, _ = tree_accept(tree.tokens, tree.parents, [labels[a][d] if d < B - 1 else -1 for d in tree.depths])
+            n, t = len(path), costs.draft + costs.verify[len(tree) - 1]
         else:
-            size = B if policy == "whole blocks" else costs.verify_size(confidence[a])
+            drafts = top_ids[a][:, 0].tolist()
+            accepted = next((i for i, (d, y) in enumerate(zip(drafts, labels[a])) if d != y), B - 1)
+            size = B if policy == "whole blocks" else costs.verify_size(top_p[a][:, 0].tolist()[: B - 1])
             if policy == "adaptive":
                 rest = resting = VerifyCosts.rest_after(size, rest)
-            n, t = min(accepted[a], size - 1) + 1, costs.draft + costs.verify[size - 1]
-        n = min(n, len(accepted) - a)
+            n, t = min(accepted, size - 1) + 1, costs.draft + costs.verify[size - 1]
+        n = min(n, len(labels) - a)
         a, tokens, seconds, steps = a + n, tokens + n, seconds + t, steps + 1
     return tokens, seconds, steps, rests
 
@@ -102,20 +115,20 @@ def main() -> None:
         draft = load_drafter(path, dtype=target.dtype)
         if args.costs:
             costs, where = args.costs, "given"
-            if len(costs.verify) != draft.block_size:
+            if len(costs.verify) < draft.block_size:
                 ap.error(f"--costs gives verify times for {len(costs.verify)} tokens; {path} drafts blocks of "
-                         f"{draft.block_size}: give one per size 1..{draft.block_size}")
+                         f"{draft.block_size}: give one per size 1..{draft.block_size} (or ..2B, for trees)")
         else:  # each drafter's own: a deeper one costs more per step
-            costs = measure_verify_costs(target, draft)
+            costs = measure_verify_costs(target, draft, tokens=TREE_TOKENS_PER_BLOCK * draft.block_size)
             where = f"measured here ({hw.get('cpu_capability') or hw.get('gpu')}, {hw['dtype']}, {hw['threads']} threads)"
-        print(f"{path}: B={draft.block_size}; costs {where}: drafter {costs.draft * 1e3:.1f} ms, verify of 1..B "
-              f"tokens {' / '.join(f'{t * 1e3:.1f}' for t in costs.verify)} ms")
+        print(f"{path}: B={draft.block_size}; costs {where}: drafter {costs.draft * 1e3:.1f} ms, verify of "
+              f"1..{len(costs.verify)} tokens {' / '.join(f'{t * 1e3:.1f}' for t in costs.verify)} ms")
         table = anchor_table(draft, target.model, sequences)
         for policy in POLICIES:
             per = defaultdict(lambda: [0, 0.0, 0, 0])
-            for task, (confidence, accepted) in zip(tasks, table):
+            for task, text in zip(tasks, table):
                 for key in (task, "all"):
-                    for i, v in enumerate(walk(confidence, accepted, costs, policy)):
+                    for i, v in enumerate(walk(text, costs, policy, draft.block_size)):
                         per[key][i] += v
             cells = [f"{k} {tok * costs.verify[0] / sec:.3f}x tau {tok / steps:.2f} rest {rests / steps:.0%}"
                      for k, (tok, sec, steps, rests) in sorted(per.items())]

@@ -9,10 +9,11 @@ verify_costs=measure_verify_costs(...))` verifies only the drafts that pay for t
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.benchmark import Timer
 from transformers import DynamicCache
 
 from draftopd.decoding.speculative import VerifyCosts, bare_model, cache_kwarg, crop_cache
@@ -69,8 +70,25 @@ class StepTimers:
 def median_seconds(fn: Callable[[], None], min_run_time: float) -> float:
     """Median time of `fn`, measured for at least `min_run_time` seconds (CUDA synchronised), with
     the threads decoding uses (`Timer` would run it on one: 22 ms instead of 17 for a bf16 step here)."""
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    return interleaved_medians([fn], min_run_time)[0]
+
+
+def interleaved_medians(fns: list[Callable[[], None]], min_run_time: float, min_rounds: int = 3) -> list[float]:
+    """Median seconds of each of `fns`, timed in turn, round after round, for about
+    len(fns) x `min_run_time`: drift (clock speed, caches, other load) then touches every one
+    alike. Timed one after another, a 4-token verify came out dearer than an 8-token one here
+    (AVX512, bf16) and tree verify chose trees wider than pay."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    times: list[list[float]] = [[] for _ in fns]
+    end = time.perf_counter() + min_run_time * len(fns)
+    while time.perf_counter() < end or len(times[0]) < min_rounds:
+        for fn, seen in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            if sync is not None:
+                sync()
+            seen.append(time.perf_counter() - t0)
+    return [statistics.median(seen) for seen in times]
 
 
 def measure_verify_costs(target, draft: DFlashDraftModel, block_size: int | None = None,
@@ -87,5 +105,6 @@ def measure_verify_costs(target, draft: DFlashDraftModel, block_size: int | None
     head = draft.draft_head(target.get_output_embeddings())
     timers.draft_step(B, head)()  # first calls pay for lazy initialisation
     timers.target_step(widest)()
-    return VerifyCosts(draft=median_seconds(timers.draft_step(B, head), min_run_time),
-                       verify=[median_seconds(timers.target_step(n), min_run_time) for n in range(1, widest + 1)])
+    draft_s, *verify = interleaved_medians([timers.draft_step(B, head)] + [timers.target_step(n) for n in
+                                                                           range(1, widest + 1)], min_run_time)
+    return VerifyCosts(draft=draft_s, verify=verify)

@@ -8,7 +8,7 @@ code cannot import draftopd, and its callers hold the bare model.
 """
 
 from draftopd.dflash import (  # noqa: F401
-    MAX_REST, VERIFY_ROWS, DraftTree, SpecResult, VerifyCosts, check_masked_attention, crop_cache, draft_tree,
+    MAX_REST, TREE_TOP, VERIFY_ROWS, DraftTree, SpecResult, VerifyCosts, check_masked_attention, crop_cache, draft_tree,
     keep_cache_rows, spec_generate, tree_accept, tree_mask,
 )
 from draftopd.dflash import _as_model as bare_model  # noqa: F401  (the HF model of a Target, or the model itself)
