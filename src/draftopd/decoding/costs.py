@@ -1,9 +1,9 @@
 """What a decode step costs on this machine, measured: the drafter's pass and a target verify of
-s = 1..B tokens, on a warm cache, as `spec_generate` runs them.
+s = 1..B tokens (or up to a tree's size), on a warm cache, as `spec_generate` runs them.
 
-Where verifying more tokens costs more (an fp32 CPU: 4 tokens ~1.6x one), `spec_generate(...,
-verify_costs=measure_verify_costs(...))` verifies only the drafts that pay for themselves
-(`VerifyCosts`); where it is nearly free (GPUs, bf16 CPUs) it keeps verifying whole blocks.
+Where verifying more tokens costs more (an fp32 CPU: 4 tokens ~1.1x one packed, 1.6x plain),
+`spec_generate(..., verify_costs=measure_verify_costs(...))` verifies only the drafts (or tree
+nodes) that pay for themselves (`VerifyCosts`); where it is nearly free (GPUs) it verifies all.
 `benchmarks/decode_overhead.py` prints the same steps as break-even tau.
 """
 

@@ -8,7 +8,8 @@ imports only torch and transformers (plus draftopd's error type when draftopd is
 its command line prints a user error as one line).
 
 Contents: which target layers condition the drafter and how their states are gathered; the
-acceptance rules of one verify step (greedy, and speculative rejection sampling); the draft
+acceptance rules of one verify step (greedy, and speculative rejection sampling); greedy tree
+verification (the drafter's likeliest paths, its top choices per offset, in one pass); the draft
 head (the LM-head rows of an optional draft vocabulary, `token_map.pt`); the drafter (Qwen3-style layers whose
 keys/values also see the target's context; it borrows the target's embedding and LM head);
 `spec_generate`, the decode loop.
@@ -140,10 +141,6 @@ def rejection_accept(
 
 
 # ---------------------------------------------------------------------------------------------
-# The draft head
-
-
-# ---------------------------------------------------------------------------------------------
 # Tree verification (greedy): one target pass over the drafter's likeliest continuations
 #
 # A DFlash drafter scores every offset of the block in one pass, so its second and third
@@ -250,6 +247,10 @@ def check_masked_attention(model: nn.Module, what: str) -> None:
     if impl not in MASKED_ATTENTION:
         raise DraftOPDError(f"{what} needs a custom 4D attention mask, which attn_implementation={impl!r} "
                             f"ignores; load the target with one of {', '.join(MASKED_ATTENTION)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The draft head
 
 
 @dataclass
