@@ -161,6 +161,7 @@ def test_init_draft_loads_everywhere(smollm, tmp_path, capsys):
     ref = smollm.model.generate(ids, do_sample=False, max_new_tokens=10, eos_token_id=stops,
                                 pad_token_id=tok.pad_token_id)
     assert got.tolist() == ref.tolist()
+    assert remote.spec_generate(smollm.model, ids, 10, stop_token_ids=stops, tree_tokens=16).tolist() == ref.tolist()
 
 
 def test_generate_json_equals_greedy(smollm, draft_dir, capsys):

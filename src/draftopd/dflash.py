@@ -89,6 +89,12 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
     return probs
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [...] argmax, taken in fp32: the same ids (first maximum either way), but a bf16
+    argmax runs ~5x slower on a CPU (0.65 vs 0.13 ms over 8 x 49152 logits here, AVX512)."""
+    return logits.float().argmax(-1)
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw per row of [..., V] probabilities -> [...] ids."""
     flat = probs.reshape(-1, probs.shape[-1])
@@ -235,10 +241,10 @@ def keep_cache_rows(cache: DynamicCache, start: int, rows: list[int]) -> None:
     the accepted path of a tree, as if it alone had been verified. The caller crops after."""
     if rows == list(range(len(rows))):
         return
-    src = torch.tensor(rows) + start
+    src = torch.tensor(rows, device=cache.layers[0].keys.device) + start
     for layer in cache.layers:
         for t in (layer.keys, layer.values):  # [b, g, n, d]
-            t[:, :, start : start + len(rows)] = t[:, :, src.to(t.device)]
+            t[:, :, start : start + len(rows)] = t[:, :, src]
 
 
 def check_masked_attention(model: nn.Module, what: str) -> None:
@@ -278,7 +284,7 @@ class DraftHead:
         return F.linear(hidden, self.weight, self.bias) if self.module is None else self.module(hidden)
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...] the drafts, as token ids
-        return self.tokens(self(hidden.to(self.weight.dtype)).argmax(-1))
+        return self.tokens(greedy_ids(self(hidden.to(self.weight.dtype))))
 
     def tokens(self, rows: torch.Tensor) -> torch.Tensor:  # row indices -> token ids
         return rows if self.vocab is None else self.vocab[rows]
@@ -805,7 +811,7 @@ def spec_generate(
 
     def choose(logits):  # [n, V] -> [n] ids, and the probs they were drawn from (None if greedy)
         if greedy:
-            return logits.argmax(-1), None
+            return greedy_ids(logits), None
         probs = sampling_probs(logits, temperature, top_p, top_k)
         return sample(probs, generator), probs
 
@@ -888,13 +894,13 @@ def spec_generate(
                        **{kw: target_cache}, use_cache=True, output_hidden_states=True)
         logits = o.logits[0]  # [rows, V]: the target's next-token logits after the first block tokens
         if tree is not None:
-            path, nxt = tree_accept(tree.tokens, tree.parents, logits.argmax(-1).tolist())
+            path, nxt = tree_accept(tree.tokens, tree.parents, greedy_ids(logits).tolist())
             keep_cache_rows(target_cache, start, path)
             result.branch_steps += 1 if path != list(range(len(path))) else 0
         elif greedy:
             def argmax_rows(s, e):
                 rows = logits[s:e] if e <= logits.shape[0] else head(o.hidden_states[-1][0, s:e])
-                return rows.argmax(-1)
+                return greedy_ids(rows)
 
             r, nxt = greedy_accept_rows(block[1:], argmax_rows, VERIFY_ROWS if lazy else size)
         else:
