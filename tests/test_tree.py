@@ -159,3 +159,21 @@ def test_verify_policies_parse():
     for bad in ("fast", "full,full", "full,", ""):
         with pytest.raises(DraftOPDError, match="expected one of full, adaptive, tree"):
             verify_policies(bad)
+
+
+def test_sliding_window_targets_are_refused_in_one_line_and_decode_alone():
+    """A sliding-window cache keeps only the last positions: a rejected draft cannot be rolled back
+    (transformers raised from deep inside `crop`), and a tree mask would see past the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    target = MistralForCausalLM(MistralConfig(sliding_window=16, num_hidden_layers=4, hidden_size=64,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                              intermediate_size=128, vocab_size=160, pad_token_id=0)).eval()
+    draft = tiny_drafter(target)
+    ids = torch.randint(1, 150, (1, 8), generator=torch.Generator().manual_seed(0))
+    for kw in ({}, {"tree_tokens": 8}):
+        with pytest.raises(DraftOPDError, match=r"mistral attends through a sliding window \(sliding_window=16\)"):
+            spec_generate(draft, target, ids, 40, **kw)
+    alone = spec_generate(draft, target, ids, 40, block_size=1)
+    assert alone.output_ids.tolist() == greedy(target, ids, 40).tolist()

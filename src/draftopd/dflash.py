@@ -826,6 +826,11 @@ def spec_generate(
     out[:n_in] = input_ids[0]
     positions = torch.arange(max_length + B, device=device)
     target_cache = DynamicCache(config=target.config)
+    if B > 1 and any(getattr(target_cache, "is_sliding", [])):
+        raise DraftOPDError(f"{target.config.model_type} attends through a sliding window (sliding_window="
+                            f"{getattr(target.config, 'sliding_window', None)}), whose KV cache keeps only the last "
+                            "positions and cannot be rolled back after a rejected draft; speculative decoding here "
+                            "needs full attention (block_size 1 still decodes)")
     kw = _cache_kwarg(target)
     draft_cache = draft.new_cache() if B > 1 else None
 
