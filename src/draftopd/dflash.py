@@ -212,12 +212,11 @@ def tree_mask(parents: list[int], context: int, dtype: torch.dtype, device) -> t
     """Additive mask [1, 1, n, context + n]: every node sees the context, its ancestors and itself.
     (Additive, 0 / dtype min: eager attention adds a boolean mask as 0/1, which masks nothing.)"""
     n = len(parents)
-    seen = torch.zeros(n, context + n, dtype=torch.bool)
-    seen[:, :context] = True
+    path = torch.eye(n, dtype=torch.bool)  # path[i, j]: node j is node i or one of its ancestors
     for i, parent in enumerate(parents):
         if parent >= 0:
-            seen[i] = seen[parent]
-        seen[i, context + i] = True
+            path[i] |= path[parent]
+    seen = torch.cat([torch.ones(n, context, dtype=torch.bool), path], dim=1)
     mask = torch.zeros(n, context + n, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
     return mask.to(device)[None, None]
 
@@ -900,8 +899,9 @@ def spec_generate(
         logits = o.logits[0]  # [rows, V]: the target's next-token logits after the first block tokens
         if tree is not None:
             path, nxt = tree_accept(tree.tokens, tree.parents, greedy_ids(logits).tolist())
+            r = len(path) - 1
             keep_cache_rows(target_cache, start, path)
-            result.branch_steps += 1 if path != list(range(len(path))) else 0
+            result.branch_steps += path != list(range(r + 1))
         elif greedy:
             def argmax_rows(s, e):
                 rows = logits[s:e] if e <= logits.shape[0] else head(o.hidden_states[-1][0, s:e])
@@ -913,8 +913,8 @@ def spec_generate(
                                       draft_probs if size > 1 else logits[:0], generator)
         if tree is None:
             path = list(range(r + 1))  # the block rows committed: the anchor, then accepted drafts
-        r = len(path) - 1
-        committed = [block.tolist()[i] for i in path[1:]] + [nxt]
+        ids = block.tolist()
+        committed = [ids[i] for i in path[1:]] + [nxt]
         produced = min(r + 1, max_length - start - 1)
         hit = next((i for i, t in enumerate(committed[:produced]) if t in stops), None)
         if hit is not None:
