@@ -162,3 +162,27 @@ def test_a_budgeted_run_samples_the_prompt_set_not_its_longest_prompts(smollm, t
     longest = sorted(sorted(prompts, key=lambda p: -len(apply_chat_template(smollm.tokenizer, p.messages)))[:4],
                      key=lambda p: p.id)
     assert any(f != [p.id for p in longest] for f in firsts)  # not always the longest batch
+
+
+def test_prompt_length_bounds_pick_a_band_and_old_runs_resume(smollm, prompts, reference, tmp_path, capsys):
+    """min/max prompt tokens keep only the prompts in the band; a run written before
+    min_prompt_tokens existed (no such key in its meta) resumes under the default."""
+    lengths = sorted(len(apply_chat_template(smollm.tokenizer, p.messages)) for p in prompts)
+    low, high = lengths[1], lengths[-2]  # drops the shortest and the longest prompt
+    out = tmp_path / "band"
+    rc = main(["rollout", "--target", "smollm2-135m", "--prompts", SPEC, "--out", str(out), "--max-new-tokens", "2",
+               "--min-prompt-tokens", str(low), "--max-prompt-tokens", str(high), "--dtype", "fp32"])
+    assert rc == 0 and "2 prompts outside" in capsys.readouterr().out
+    kept = [len(r.prompt_ids) for r in read_records(out)]
+    assert len(kept) == len(prompts) - 2 and all(low <= n <= high for n in kept)
+    with pytest.raises(DraftOPDError, match="min_prompt_tokens must be in"):
+        RolloutSettings(min_prompt_tokens=600, max_prompt_tokens=512)
+
+    old = tmp_path / "old"
+    shutil.copytree(reference[0], old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["settings"]["min_prompt_tokens"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    rc = main(["rollout", "--target", "smollm2-135m", "--prompts", SPEC, "--out", str(old),
+               "--max-new-tokens", "16", "--batch-size", "3", "--dtype", "fp32"])
+    assert rc == 0 and capsys.readouterr().out.startswith("rollouts: 6 (0 new) | ")

@@ -27,6 +27,9 @@ def register(sub) -> None:
                    help="prompts per generate call and per saved chunk (default 16; 512 with --backend vllm)")
     s.add_argument("--max-prompt-tokens", type=int, default=512,
                    help="skip prompts longer than this after the chat template (default %(default)s)")
+    s.add_argument("--min-prompt-tokens", type=int, default=0,
+                   help="skip prompts shorter than this, e.g. to add a set's longer prompts to rollouts made "
+                        "with a lower --max-prompt-tokens (default %(default)s)")
     s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="chat template thinking switch for targets that have one (Qwen3)")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
@@ -56,6 +59,7 @@ def cmd_rollout(args) -> None:
     batch_size = args.batch_size or (512 if args.backend == "vllm" else 16)
     settings = RolloutSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                batch_size=batch_size, max_prompt_tokens=args.max_prompt_tokens,
+                               min_prompt_tokens=args.min_prompt_tokens,
                                thinking=args.thinking, seed=args.seed)
     prompts = load_prompts(args.prompts)  # first: a bad spec or output fails before the target loads
     check_rollout_dir(args.out)
@@ -91,5 +95,6 @@ def cmd_rollout(args) -> None:
     total_tokens = sum(len(r.response_ids) for r in rollouts)
     skipped = len(prompts) - len(rollouts)
     print(f"rollouts: {len(rollouts)} ({len(rollouts) - len(before)} new"
-          + (f", {skipped} prompts over {settings.max_prompt_tokens} tokens skipped" if skipped else "")
+          + (f", {skipped} prompts outside {settings.min_prompt_tokens}-{settings.max_prompt_tokens} tokens skipped"
+             if skipped else "")
           + f") | {total_tokens} response tokens | {new_tokens / seconds:.1f} tok/s | {out}")

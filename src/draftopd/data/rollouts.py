@@ -53,6 +53,7 @@ class RolloutSettings:
     top_p: float = 1.0
     batch_size: int = 16
     max_prompt_tokens: int = 512  # longer prompts (chat-templated) get no rollout
+    min_prompt_tokens: int = 0  # nor shorter ones: adds a set's long prompts to a run made below a cap
     thinking: bool | None = None  # chat-template switch for targets that have one (Qwen3)
     seed: int = 0
 
@@ -60,6 +61,9 @@ class RolloutSettings:
         for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise DraftOPDError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.min_prompt_tokens <= self.max_prompt_tokens:
+            raise DraftOPDError(f"min_prompt_tokens must be in [0, max_prompt_tokens={self.max_prompt_tokens}], "
+                                f"got {self.min_prompt_tokens}")
         if self.temperature < 0:
             raise DraftOPDError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -72,7 +76,7 @@ def generate_rollouts(target: Target, prompts: list[Prompt], out_dir, settings: 
 
     Prompts are sorted longest first (less padding; an out-of-memory shows at once) and cut
     into batches before finished ones are skipped, so a resumed run forms the same batches,
-    and seeds, as an uninterrupted one. Prompts over `settings.max_prompt_tokens` are skipped.
+    and seeds, as an uninterrupted one. Prompts outside `settings`' prompt-length bounds are skipped.
     `max_seconds` starts no new batch once that much time has passed (a rerun continues); the
     batches then run in a seeded random order, so what fits the budget is a fair sample of the
     prompt set rather than its longest prompts.
@@ -105,17 +109,18 @@ def generate_rollouts(target: Target, prompts: list[Prompt], out_dir, settings: 
 
 
 def prompt_token_ids(tokenizer, prompts: list[Prompt], settings: RolloutSettings) -> dict[str, list[int]]:
-    """Chat-templated prompt tokens by prompt id, without the prompts over `max_prompt_tokens`."""
+    """Chat-templated prompt tokens by prompt id, without the prompts outside
+    [`min_prompt_tokens`, `max_prompt_tokens`]."""
     prompt_ids: dict[str, list[int]] = {}
     for p in prompts:
         if p.id in prompt_ids:
             raise DraftOPDError(f"prompt id {p.id!r} occurs twice; rollouts are keyed by prompt id")
         ids = apply_chat_template(tokenizer, p.messages, thinking=settings.thinking)
-        if len(ids) <= settings.max_prompt_tokens:
+        if settings.min_prompt_tokens <= len(ids) <= settings.max_prompt_tokens:
             prompt_ids[p.id] = ids
     if not prompt_ids:
-        raise DraftOPDError(f"all {len(prompts)} prompts are longer than max_prompt_tokens="
-                            f"{settings.max_prompt_tokens}")
+        raise DraftOPDError(f"none of the {len(prompts)} prompts is {settings.min_prompt_tokens}-"
+                            f"{settings.max_prompt_tokens} tokens long (min_prompt_tokens, max_prompt_tokens)")
     return prompt_ids
 
 
@@ -312,6 +317,8 @@ def read_meta(out: Path) -> dict:
         raise DraftOPDError(f"{path}: format {found!r} is not {FORMAT!r}")
     if not isinstance(meta.get("target"), dict):
         raise DraftOPDError(f"{path}: no 'target' identity")
+    if isinstance(meta.get("settings"), dict):  # settings added since the run keep their defaults
+        meta["settings"] = {**asdict(RolloutSettings()), **meta["settings"]}
     return meta
 
 
