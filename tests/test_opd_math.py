@@ -79,6 +79,20 @@ def test_attention_that_ignores_custom_masks_is_refused():
         _opd_step(tiny_drafter(target), target)
 
 
+def test_sliding_window_targets_are_refused():
+    """OPD's verify mask is full causal attention over the text's cache: a sliding-window target
+    would be taught by states its own attention never forms."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    target = MistralForCausalLM(MistralConfig(sliding_window=16, num_hidden_layers=2, hidden_size=64,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                              intermediate_size=128, vocab_size=160, pad_token_id=0)).eval()
+    with pytest.raises(DraftOPDError, match=r"sliding window \(sliding_window=16\); OPD's verify pass needs full"):
+        _opd_step(tiny_drafter(target), target)
+    target.config.sliding_window = None
+    _opd_step(tiny_drafter(target), target)  # full attention: accepted
+
+
 def test_exact_kl_matches_dense_reference_in_both_directions():
     torch.manual_seed(0)
     N, H, V = 9, 6, 11

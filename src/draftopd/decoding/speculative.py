@@ -8,8 +8,8 @@ code cannot import draftopd, and its callers hold the bare model.
 """
 
 from draftopd.dflash import (  # noqa: F401
-    MAX_REST, TREE_TOP, VERIFY_ROWS, DraftTree, SpecResult, VerifyCosts, check_masked_attention, crop_cache, draft_tree,
-    keep_cache_rows, spec_generate, tree_accept, tree_mask,
+    MAX_REST, TREE_TOP, VERIFY_ROWS, DraftTree, SpecResult, VerifyCosts, check_full_attention, check_masked_attention,
+    crop_cache, draft_tree, keep_cache_rows, spec_generate, tree_accept, tree_mask,
 )
 from draftopd.dflash import _as_model as bare_model  # noqa: F401  (the HF model of a Target, or the model itself)
 from draftopd.dflash import _cache_kwarg as cache_kwarg  # noqa: F401  (the KV-cache keyword a forward takes)

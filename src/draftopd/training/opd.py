@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from draftopd.decoding.speculative import cache_kwarg, check_masked_attention, spec_generate
+from draftopd.decoding.speculative import cache_kwarg, check_full_attention, check_masked_attention, spec_generate
 from draftopd.model.drafter import DFlashDraftModel, context_features
 from draftopd.model.target import stop_token_ids
 from draftopd.seeds import stream
@@ -204,6 +204,7 @@ class OPDStep:
         cf = self.o.correction_forward
         self.correction_forward = self.o.loss == "sampled" if cf is None else cf
         check_masked_attention(base_model(target), "OPD's verify pass")
+        check_full_attention(base_model(target), "OPD's verify pass")
         temperature = rollout_temperature(rollout_meta)
         if self.o.rollout_mode == "cached" and temperature > 0:
             warnings.warn(f"opd.rollout_mode=cached on rollouts sampled at temperature {temperature:g}: the greedy "

@@ -54,10 +54,12 @@ MAX_REST = 8
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
-    """One draft layer reads the middle target layer; more read layers spread over 1..L-3."""
+    """One draft layer reads the middle target layer; more read layers spread over 1..L-3 (the
+    reference's rule; targets of under 4 layers, which it sends out of range, use their last)."""
     if num_draft_layers == 1:
         return [num_target_layers // 2]
-    start, end = 1, num_target_layers - 3
+    start = min(1, num_target_layers - 1)
+    end = max(num_target_layers - 3, start)
     return [round(start + i * (end - start) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
 
 
@@ -244,6 +246,15 @@ def keep_cache_rows(cache: DynamicCache, start: int, rows: list[int]) -> None:
     for layer in cache.layers:
         for t in (layer.keys, layer.values):  # [b, g, n, d]
             t[:, :, start : start + len(rows)] = t[:, :, src]
+
+
+def check_full_attention(model: nn.Module, what: str) -> None:
+    """Refuse a sliding-window target (one line): its KV cache keeps only the last positions, so
+    a rejected draft cannot be rolled back, and a custom mask would see past the window."""
+    if any(getattr(DynamicCache(config=model.config), "is_sliding", [])):
+        raise DraftOPDError(f"{model.config.model_type} attends through a sliding window (sliding_window="
+                            f"{getattr(model.config, 'sliding_window', None)}); {what} needs full attention: "
+                            "a rejected draft must leave the KV cache, and custom masks ignore the window")
 
 
 def check_masked_attention(model: nn.Module, what: str) -> None:
@@ -825,11 +836,8 @@ def spec_generate(
     out[:n_in] = input_ids[0]
     positions = torch.arange(max_length + B, device=device)
     target_cache = DynamicCache(config=target.config)
-    if B > 1 and any(getattr(target_cache, "is_sliding", [])):
-        raise DraftOPDError(f"{target.config.model_type} attends through a sliding window (sliding_window="
-                            f"{getattr(target.config, 'sliding_window', None)}), whose KV cache keeps only the last "
-                            "positions and cannot be rolled back after a rejected draft; speculative decoding here "
-                            "needs full attention (block_size 1 still decodes)")
+    if B > 1:
+        check_full_attention(target, "speculative decoding (block_size 1 still decodes)")
     kw = _cache_kwarg(target)
     draft_cache = draft.new_cache() if B > 1 else None
 
