@@ -99,6 +99,9 @@ def test_sharegpt_head_streams_quickly(monkeypatch):
     assert all(p.messages[0]["role"] == "user" and p.messages[0]["content"].strip() for p in prompts)
     assert prompts[0].meta["record_id"] == "QWJhYvA_0"
     assert [p.id for p in load_prompts("sharegpt[10:12]")] == ["sharegpt:10", "sharegpt:11"]
+    # each keeps its first two user turns, as MT-Bench has: the first is the prompt
+    assert all(1 <= len(p.turns) <= 2 and p.turns[0] == p.messages[0]["content"] for p in prompts)
+    assert sum(len(p.turns) == 2 for p in prompts) >= 20
 
 
 def test_sharegpt_stops_cleanly_at_truncated_tail():

@@ -186,3 +186,47 @@ def test_prompt_length_bounds_pick_a_band_and_old_runs_resume(smollm, prompts, r
     rc = main(["rollout", "--target", "smollm2-135m", "--prompts", SPEC, "--out", str(old),
                "--max-new-tokens", "16", "--batch-size", "3", "--dtype", "fp32"])
     assert rc == 0 and capsys.readouterr().out.startswith("rollouts: 6 (0 new) | ")
+
+
+def test_later_turns_follow_the_targets_own_answers(smollm, tmp_path, capsys, monkeypatch):
+    """--turns 2: each MT-Bench conversation's second question is asked after the target's own first
+    answer, templated as the evaluation puts it; a kill in round 2 resumes to the same records."""
+    spec = "mt-bench[:3]"
+    args = ["rollout", "--target", "smollm2-135m", "--prompts", spec, "--max-new-tokens", "4", "--dtype", "fp32",
+            "--batch-size", "2", "--turns", "2"]
+    out = tmp_path / "two"
+    assert main(args + ["--out", str(out)]) == 0
+    assert "6 (6 new, 3 of them later turns)" in capsys.readouterr().out
+    records = {r.id: r for r in read_records(out)}
+    tok = smollm.tokenizer
+    for p in load_prompts(spec):
+        first, second = records[p.id], records[f"{p.id}:turn2"]
+        history = p.messages + [{"role": "assistant", "content": tok.decode(first.response_ids,
+                                                                             skip_special_tokens=True).strip()},
+                                {"role": "user", "content": p.turns[1]}]
+        assert second.prompt_ids == apply_chat_template(tok, history)
+        assert second.meta["turn"] == 2 and second.meta["conversation"] == p.id
+    assert json.loads((out / "meta.json").read_text())["settings"]["turns"] == 2
+
+    killed = tmp_path / "killed"
+    generate, calls = smollm.model.generate, []
+
+    def killed_in_round_two(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # rounds of 2 batches each: the first batch of round 2
+            raise KeyboardInterrupt
+        return generate(*a, **k)
+
+    monkeypatch.setattr("draftopd.model.target.load_target", lambda *a, **k: smollm)
+    monkeypatch.setattr(smollm.model, "generate", killed_in_round_two)
+    assert main(args + ["--out", str(killed)]) == 130  # interrupted: what was written stays
+    assert "rerun the same command to resume" in capsys.readouterr().err and len(read_records(killed)) == 3
+    monkeypatch.setattr(smollm.model, "generate", generate)
+    assert main(args + ["--out", str(killed)]) == 0
+    assert {r.id: r.response_ids for r in read_records(killed)} == {i: r.response_ids for i, r in records.items()}
+
+    capsys.readouterr()
+    rc = main(["rollout", "--target", "smollm2-135m", "--prompts", spec, "--out", str(tmp_path / "v"),
+               "--backend", "vllm", "--turns", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--turns 2 runs with --backend hf or --engine-url" in err

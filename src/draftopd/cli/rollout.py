@@ -30,6 +30,10 @@ def register(sub) -> None:
     s.add_argument("--min-prompt-tokens", type=int, default=0,
                    help="skip prompts shorter than this, e.g. to add a set's longer prompts to rollouts made "
                         "with a lower --max-prompt-tokens (default %(default)s)")
+    s.add_argument("--turns", type=int, default=1,
+                   help="user turns answered per multi-turn conversation (MT-Bench; ShareGPT, cut to its first "
+                        "two): turn t is asked after the target's own answers to the turns before, as in MT-Bench. "
+                        "Later turns get ids '<id>:turn<t>'; with --backend hf or --engine-url (default %(default)s)")
     s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="chat template thinking switch for targets that have one (Qwen3)")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
@@ -52,7 +56,8 @@ def register(sub) -> None:
 
 def cmd_rollout(args) -> None:
     from draftopd.data.prompts import load_prompts
-    from draftopd.data.rollouts import RolloutSettings, check_rollout_dir, generate_rollouts, read_records
+    from draftopd.data.rollouts import (RolloutSettings, answer_turns, check_rollout_dir, generate_rollouts,
+                                        read_records)
     from draftopd.errors import DraftOPDError
     from draftopd.model.target import load_target
 
@@ -60,31 +65,36 @@ def cmd_rollout(args) -> None:
     settings = RolloutSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                batch_size=batch_size, max_prompt_tokens=args.max_prompt_tokens,
                                min_prompt_tokens=args.min_prompt_tokens,
-                               thinking=args.thinking, seed=args.seed)
+                               thinking=args.thinking, seed=args.seed, turns=args.turns)
     prompts = load_prompts(args.prompts)  # first: a bad spec or output fails before the target loads
     check_rollout_dir(args.out)
     if args.engine_url and args.backend != "hf":
         raise DraftOPDError(f"--engine-url and --backend {args.backend}: choose one (the URL's server generates)")
+    if args.backend == "vllm" and settings.turns > 1:
+        raise DraftOPDError(f"--turns {settings.turns} runs with --backend hf or --engine-url; with --backend vllm "
+                            "answer first turns only (each round would start a new engine on the same GPU)")
     if args.backend == "vllm":
         from draftopd.data.vllm_offline import vllm_rollouts
 
-        run = partial(vllm_rollouts, args.target, prompts, args.out, settings, dtype=args.dtype,
-                      tensor_parallel_size=args.tensor_parallel_size, chunk=settings.batch_size,
-                      prompt_spec=args.prompts)
+        run, tokenizer = partial(vllm_rollouts, args.target, out_dir=args.out, settings=settings, dtype=args.dtype,
+                                 tensor_parallel_size=args.tensor_parallel_size, chunk=settings.batch_size,
+                                 prompt_spec=args.prompts), None  # first turns only (above)
     elif args.engine_url:
         from draftopd.data.engine import engine_rollouts, target_without_weights
 
         tokenizer, identity, stop = target_without_weights(args.target)
-        run = partial(engine_rollouts, args.engine_url, args.engine_model or args.target, tokenizer, prompts,
-                      args.out, settings, target_identity=identity, stop_ids=stop, prompt_spec=args.prompts,
-                      concurrency=args.concurrency, api_key=os.environ.get("DRAFTOPD_ENGINE_API_KEY"))
+        run = partial(engine_rollouts, args.engine_url, args.engine_model or args.target, tokenizer,
+                      out_dir=args.out, settings=settings, target_identity=identity, stop_ids=stop,
+                      prompt_spec=args.prompts, concurrency=args.concurrency,
+                      api_key=os.environ.get("DRAFTOPD_ENGINE_API_KEY"))
     else:
         target = load_target(args.target, dtype=args.dtype)
-        run = partial(generate_rollouts, target, prompts, args.out, settings, prompt_spec=args.prompts)
+        run, tokenizer = partial(generate_rollouts, target, out_dir=args.out, settings=settings,
+                                 prompt_spec=args.prompts), target.tokenizer
     before = {r.id for r in read_records(args.out)}
     t0 = time.perf_counter()
     try:
-        out = run()
+        out = answer_turns(lambda ps: run(prompts=ps), prompts, tokenizer, settings)
     except KeyboardInterrupt:
         print(f"\n{len(read_records(args.out))} rollouts are saved in {args.out}; "
               "rerun the same command to resume", file=sys.stderr)
@@ -93,8 +103,11 @@ def cmd_rollout(args) -> None:
     rollouts = read_records(out)
     new_tokens = sum(len(r.response_ids) for r in rollouts if r.id not in before)
     total_tokens = sum(len(r.response_ids) for r in rollouts)
-    skipped = len(prompts) - len(rollouts)
+    first = {p.id for p in prompts}
+    skipped = len(first) - sum(1 for r in rollouts if r.id in first)
+    later = sum(1 for r in rollouts if r.id not in first)
     print(f"rollouts: {len(rollouts)} ({len(rollouts) - len(before)} new"
+          + (f", {later} of them later turns" if later else "")
           + (f", {skipped} prompts outside {settings.min_prompt_tokens}-{settings.max_prompt_tokens} tokens skipped"
              if skipped else "")
           + f") | {total_tokens} response tokens | {new_tokens / seconds:.1f} tok/s | {out}")

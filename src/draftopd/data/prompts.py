@@ -42,6 +42,7 @@ _PACKAGES = {
 }
 
 _HUMAN_ROLES = {"human", "user"}
+SHAREGPT_TURNS = 2  # user turns kept per ShareGPT conversation
 _ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}
 _SLICED = re.compile(r"^(?P<name>.*?)\[(?P<slice>[^\[\]]*)\]$")
 _SLICE_PART = re.compile(r"^\s*(-?\d+)?\s*$")
@@ -112,8 +113,11 @@ def _mt_bench() -> Iterator[tuple[list[dict], dict, list[str]]]:
         yield _user(row["turns"][0]), meta, list(row["turns"])
 
 
-def _sharegpt() -> Iterator[tuple[list[dict], dict]]:
+def _sharegpt() -> Iterator[tuple[list[dict], dict, list[str]]]:
     """Stream records from the JSON list, which the package ships truncated mid-record.
+
+    Each conversation keeps its first SHAREGPT_TURNS user turns, as MT-Bench has two: a later
+    turn is asked after the target's own answer (evaluation; `draftopd rollout --turns`).
 
     Records are decoded one at a time from a growing buffer, so ``sharegpt[:200]`` reads only
     the first megabytes; an undecodable record at end of file is the truncated tail and ends
@@ -144,7 +148,8 @@ def _sharegpt() -> Iterator[tuple[list[dict], dict]]:
                 continue
             turns = [t for t in record.get("conversations", []) if t.get("from") != "system"]
             if turns and turns[0].get("from") in _HUMAN_ROLES and turns[0].get("value", "").strip():
-                yield _user(turns[0]["value"]), {"record_id": record.get("id")}
+                asked = [t["value"] for t in turns if t.get("from") in _HUMAN_ROLES and t.get("value", "").strip()]
+                yield _user(turns[0]["value"]), {"record_id": record.get("id")}, asked[:SHAREGPT_TURNS]
 
 
 _EMBEDDED = {
@@ -316,6 +321,13 @@ def load_prompts(spec: str, *, tokenizer=None, max_prompt_tokens: int | None = N
             raise DraftOPDError(f"no prompts left from {spec!r} after dropping those longer than "
                                 f"{max_prompt_tokens} tokens")
     return prompts
+
+
+def next_turn(tokenizer, messages: list[dict], answer_ids, question: str) -> list[dict]:
+    """The conversation after the target answered `messages` with `answer_ids` and the user asked
+    `question`: how MT-Bench's second turn is put, here for evaluation and rollouts alike."""
+    answer = tokenizer.decode(list(answer_ids), skip_special_tokens=True).strip()
+    return messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": question}]
 
 
 def apply_chat_template(tokenizer, messages: list[dict], *, thinking: bool | None = None) -> list[int]:

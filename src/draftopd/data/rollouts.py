@@ -14,12 +14,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from draftopd.data.prompts import Prompt, apply_chat_template
+from draftopd.data.prompts import Prompt, apply_chat_template, next_turn
 from draftopd.errors import DraftOPDError
 from draftopd.io import check_output_dir, holds, write_json_atomic
 from draftopd.model.precision import dtype_name, hardware_record
@@ -56,9 +56,10 @@ class RolloutSettings:
     min_prompt_tokens: int = 0  # nor shorter ones: adds a set's long prompts to a run made below a cap
     thinking: bool | None = None  # chat-template switch for targets that have one (Qwen3)
     seed: int = 0
+    turns: int = 1  # user turns answered per multi-turn conversation (MT-Bench, ShareGPT), each after the last answer
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
+        for name in ("max_new_tokens", "batch_size", "max_prompt_tokens", "turns"):
             if getattr(self, name) < 1:
                 raise DraftOPDError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.min_prompt_tokens <= self.max_prompt_tokens:
@@ -122,6 +123,39 @@ def prompt_token_ids(tokenizer, prompts: list[Prompt], settings: RolloutSettings
         raise DraftOPDError(f"none of the {len(prompts)} prompts is {settings.min_prompt_tokens}-"
                             f"{settings.max_prompt_tokens} tokens long (min_prompt_tokens, max_prompt_tokens)")
     return prompt_ids
+
+
+def answer_turns(run: Callable[[list[Prompt]], Path], prompts: list[Prompt], tokenizer,
+                 settings: RolloutSettings) -> Path:
+    """`run(prompts)` (any backend, writing one rollout directory), then up to `settings.turns`
+    rounds: round t asks the t-th user turn of each multi-turn conversation after the target's own
+    answers to the turns before it, as MT-Bench's second turn is asked. Rounds resume like runs."""
+    out = run(prompts)
+    for turn in range(2, settings.turns + 1):
+        prompts = later_turn_prompts(prompts, {r.id: r for r in read_records(out)}, tokenizer, turn, settings)
+        if not prompts:
+            break
+        out = run(prompts)
+    return out
+
+
+def later_turn_prompts(prompts: list[Prompt], records: dict[str, Rollout], tokenizer, turn: int,
+                       settings: RolloutSettings) -> list[Prompt]:
+    """Turn `turn` of every prompt in `prompts` (the turn before's) that has one and an answer in
+    `records`, within the prompt-length bounds; ids `<first turn's id>:turn<turn>`."""
+    later = []
+    for p in prompts:
+        answer = records.get(p.id)
+        if answer is None or not p.turns or len(p.turns) < turn:
+            continue
+        conversation = p.meta.get("conversation", p.id)
+        q = Prompt(id=f"{conversation}:turn{turn}", messages=next_turn(tokenizer, p.messages, answer.response_ids,
+                                                                        p.turns[turn - 1]),
+                   source=p.source, turns=p.turns, meta={**p.meta, "conversation": conversation, "turn": turn})
+        n = len(apply_chat_template(tokenizer, q.messages, thinking=settings.thinking))
+        if settings.min_prompt_tokens <= n <= settings.max_prompt_tokens:
+            later.append(q)
+    return later
 
 
 def prompt_seeds(prompts: list[Prompt], settings: RolloutSettings) -> dict[str, int]:

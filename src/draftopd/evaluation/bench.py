@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from draftopd.data.prompts import Prompt, apply_chat_template, hub_dataset, load_prompts
+from draftopd.data.prompts import Prompt, apply_chat_template, hub_dataset, load_prompts, next_turn
 from draftopd.data.rollouts import RolloutSettings, generation_config, pad_token_id
 from draftopd.decoding.speculative import spec_generate
 from draftopd.errors import DraftOPDError
@@ -316,9 +316,7 @@ def _run_benchmark(runner: Runner, log: SampleLog, bench: str, prompts: list[Pro
             messages = p.messages
             for sample_id, question in zip(_sample_ids(p), [None, *_later_turns(p)]):
                 if question is not None:
-                    answer = tok.decode(log.get(bench, done[-1], LOOP)["output_ids"], skip_special_tokens=True)
-                    messages = messages + [{"role": "assistant", "content": answer.strip()},
-                                           {"role": "user", "content": question}]
+                    messages = next_turn(tok, messages, log.get(bench, done[-1], LOOP)["output_ids"], question)
                 runner.sample(log, bench, sample_id, apply_chat_template(tok, messages, thinking=thinking))
                 done.append(sample_id)
                 bar.update()
