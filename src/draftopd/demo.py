@@ -36,8 +36,8 @@ class DemoPlan:
     drafter: str = SHIPPED
     from_scratch: bool = False
     dtype: str = "auto"
-    # Fresh prompts: the shipped drafter was trained on gsm8k[:640], humaneval[:100], mt-bench[:60], sharegpt[:200],
-    # sharegpt[400:10400].
+    # Fresh prompts: the shipped drafter was trained on gsm8k[:640], humaneval[:100], mt-bench[:60], sharegpt[:200]
+    # and sharegpt[400:] (the first turns of <= 400 tokens).
     train_prompts: str = "gsm8k[640:1200],sharegpt[200:400]"
     heldout: tuple[str, ...] = ("gsm8k[1200:]", "humaneval[100:]", "mt-bench[60:]")
     max_new_tokens: int = 128
