@@ -75,7 +75,8 @@ def test_trust_remote_code_attaches_the_token_map(tmp_path):
 def test_default_layer_ids_match_published_checkpoints():
     assert default_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # Qwen3-4B-DFlash-b16
     assert default_target_layer_ids(30, 1) == [15]
-    assert default_target_layer_ids(2, 2) == [1, 1] and default_target_layer_ids(4, 3) == [1, 1, 1]  # in range
+    assert default_target_layer_ids(3, 2) == [1, 0] and default_target_layer_ids(4, 3) == [1, 1, 1]  # the reference's
+    assert default_target_layer_ids(2, 2) == [0, 1]  # where the reference's rule leaves the target ([1, -1])
 
 
 def test_bad_drafter_directories(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import tiny_drafter, tiny_target, without_dtype_notice
 from draftopd.cli.main import main
-from draftopd.data.prompts import load_prompts
+from draftopd.data.prompts import apply_chat_template, load_prompts
 from draftopd.data.rollouts import Rollout, write_rollouts
 from draftopd.errors import DraftOPDError
 from draftopd.evaluation.bench import SAMPLES, drafter_names, evaluate, summarize
@@ -123,6 +123,16 @@ def test_mt_bench_turn_two_has_the_target_answer_as_history(smollm, run):
     prompt = smollm.tokenizer.decode(by["mt-bench:0:turn2", "loop"]["prompt_ids"])
     question = load_prompts("mt-bench[:1]")[0].turns[1]
     assert answer and prompt.index(answer) < prompt.index(question)
+
+
+def test_a_later_turn_past_max_prompt_tokens_ends_the_conversation(smollm, smol_drafter, tmp_path):
+    """With --max-prompt-tokens, a second turn whose history passes it is not run (the first is),
+    and the results are still summarised."""
+    first = len(apply_chat_template(smollm.tokenizer, load_prompts("mt-bench[:1]")[0].messages))
+    res = evaluate(smollm, {"d": smol_drafter}, ["mt-bench"], samples=1, max_new_tokens=4,
+                   max_prompt_tokens=first + 2, out_dir=tmp_path / "out", progress=False)
+    assert sorted({r["id"] for r in res["samples"]}) == ["mt-bench:0"]
+    assert res["summary"]["d"]["mt-bench"]["samples"] == 1
 
 
 def test_offline_tau_over_decoded_text_equals_decoded_tau(run):

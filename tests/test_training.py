@@ -193,6 +193,14 @@ def test_several_rollout_directories_train_together_and_keep_each_held_out_share
     with pytest.raises(DraftOPDError, match="^b: no usable rollouts"):
         training_split({"a": first, "b": [Rollout("e:0", [1, 2], [2], "stop")]}, 64, 0.25, seed=3)
 
+    # a later turn (its prompt holds its first turn's answer) is held out exactly when its first turn is
+    turns = second + [Rollout(f"u:{i}:turn2", [5 + i, 6, 7] + list(range(30 + i, 50 + i)) + [9], [11, 12, 13],
+                              "length", {"conversation": f"u:{i}", "turn": 2}) for i in range(20)]
+    t_train, t_held = split_heldout(build_sequences(turns, 64), 0.25, seed=3)
+    held_ids = {s.conversation for s in t_held if not s.later_turn}
+    assert held_ids and {s.conversation for s in t_held if s.later_turn} == held_ids
+    assert not held_ids & {s.conversation for s in t_train}
+
     more = tmp_path / "more-rollouts"
     write_rollouts(more, json.loads((tiny_rollouts / "meta.json").read_text()), second[:6])
     res = train(cfg_for("sft", tiny_dir, tiny_rollouts, tmp_path / "two", max_steps=2,

@@ -68,6 +68,9 @@ def cmd_rollout(args) -> None:
                                thinking=args.thinking, seed=args.seed, turns=args.turns)
     prompts = load_prompts(args.prompts)  # first: a bad spec or output fails before the target loads
     check_rollout_dir(args.out)
+    if settings.turns > 1 and not any(p.turns and len(p.turns) > 1 for p in prompts):
+        print(f"draftopd rollout: --turns {settings.turns}: none of these prompts has a later user turn "
+              "(multi-turn sets: mt-bench, sharegpt); answering first turns", file=sys.stderr)
     if args.engine_url and args.backend != "hf":
         raise DraftOPDError(f"--engine-url and --backend {args.backend}: choose one (the URL's server generates)")
     if args.backend == "vllm" and settings.turns > 1:

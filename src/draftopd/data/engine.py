@@ -198,7 +198,7 @@ def engine_rollouts(base_url: str, model_name: str, tokenizer, prompts: list[Pro
     `tokenizer` must be the served model's (it makes the prompt token ids); `target_identity`
     is recorded in meta.json so training can check the rollouts belong to its target.
     `stop_ids` default to the tokenizer's EOS. With temperature > 0, prompt i (in `prompts`
-    order) is sampled with seed `settings.seed + i`. `retries` are further tries after the first.
+    order) is sampled with seed `sampling_seed(settings, p, i)`. `retries` are further tries after the first.
     """
     if concurrency < 1 or retries < 0 or timeout <= 0 or backoff < 0:
         raise DraftOPDError(f"need concurrency >= 1, retries >= 0, timeout > 0, backoff >= 0; got "

@@ -24,7 +24,7 @@ from draftopd.errors import DraftOPDError
 from draftopd.io import check_output_dir, holds, write_json_atomic
 from draftopd.model.precision import dtype_name, hardware_record
 from draftopd.model.target import Target
-from draftopd.seeds import stream
+from draftopd.seeds import derive_seed, stream
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel
@@ -100,7 +100,7 @@ def generate_rollouts(target: Target, prompts: list[Prompt], out_dir, settings: 
             if not batch:
                 continue
             if settings.temperature > 0:
-                torch.manual_seed(settings.seed + index)
+                torch.manual_seed(sampling_seed(settings, batch[0], index))
             responses = generate_batch(model, [prompt_ids[p.id] for p in batch], config, pad_id, set(stop))
             writer.append([Rollout(p.id, prompt_ids[p.id], r, "stop" if r[-1] in stop else "length",
                                    {"source": p.source, **p.meta}) for p, r in zip(batch, responses)])
@@ -127,9 +127,9 @@ def prompt_token_ids(tokenizer, prompts: list[Prompt], settings: RolloutSettings
 
 def answer_turns(run: Callable[[list[Prompt]], Path], prompts: list[Prompt], tokenizer,
                  settings: RolloutSettings) -> Path:
-    """`run(prompts)` (any backend, writing one rollout directory), then up to `settings.turns`
-    rounds: round t asks the t-th user turn of each multi-turn conversation after the target's own
-    answers to the turns before it, as MT-Bench's second turn is asked. Rounds resume like runs."""
+    """`run(prompts)` (any backend, writing one rollout directory), then rounds 2..`settings.turns`:
+    round t asks the t-th user turn of each multi-turn conversation after the target's own answers
+    to the turns before it, as MT-Bench's second turn is asked. Rounds resume like runs."""
     out = run(prompts)
     for turn in range(2, settings.turns + 1):
         prompts = later_turn_prompts(prompts, {r.id: r for r in read_records(out)}, tokenizer, turn, settings)
@@ -158,9 +158,16 @@ def later_turn_prompts(prompts: list[Prompt], records: dict[str, Rollout], token
     return later
 
 
+def sampling_seed(settings: RolloutSettings, prompt: Prompt, i: int) -> int:
+    """The seed of draw `i` (a batch, or a prompt's position) of a sampled run: `settings.seed + i`
+    for first turns, a stream of its own for each later turn, so rounds do not replay each other."""
+    turn = prompt.meta.get("turn", 1)
+    return settings.seed + i if turn == 1 else derive_seed(settings.seed, "turn", turn, i)
+
+
 def prompt_seeds(prompts: list[Prompt], settings: RolloutSettings) -> dict[str, int]:
-    """Sampling seed per prompt id: prompt i (in `prompts` order) gets `settings.seed + i`."""
-    return {p.id: settings.seed + i for i, p in enumerate(prompts)}
+    """Sampling seed per prompt id: prompt i (in `prompts` order) gets `sampling_seed(..., i)`."""
+    return {p.id: sampling_seed(settings, p, i) for i, p in enumerate(prompts)}
 
 
 def load_rollouts(out_dir, *, expect_target: dict | None = None) -> tuple[dict, list[Rollout]]:

@@ -304,9 +304,10 @@ def _sample_ids(prompt: Prompt) -> list[str]:
 
 
 def _run_benchmark(runner: Runner, log: SampleLog, bench: str, prompts: list[Prompt], thinking: bool | None,
-                   progress: bool) -> None:
+                   progress: bool, max_prompt_tokens: int | None = None) -> None:
     """Every prompt of one benchmark; a later turn's history is the target-alone answer to the
-    turns before it (greedy in greedy runs), so every drafter sees the same conversation."""
+    turns before it (greedy in greedy runs), so every drafter sees the same conversation. A
+    conversation ends where a turn's prompt would pass `max_prompt_tokens`."""
     from tqdm.auto import tqdm
 
     tok, done = runner.target.tokenizer, []
@@ -314,10 +315,14 @@ def _run_benchmark(runner: Runner, log: SampleLog, bench: str, prompts: list[Pro
               dynamic_ncols=True) as bar:
         for p in prompts:
             messages = p.messages
-            for sample_id, question in zip(_sample_ids(p), [None, *_later_turns(p)]):
+            for turn, (sample_id, question) in enumerate(zip(_sample_ids(p), [None, *_later_turns(p)])):
                 if question is not None:
                     messages = next_turn(tok, messages, log.get(bench, done[-1], LOOP)["output_ids"], question)
-                runner.sample(log, bench, sample_id, apply_chat_template(tok, messages, thinking=thinking))
+                ids = apply_chat_template(tok, messages, thinking=thinking)
+                if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+                    bar.total -= len(_sample_ids(p)) - turn
+                    break
+                runner.sample(log, bench, sample_id, ids)
                 done.append(sample_id)
                 bar.update()
             bar.set_postfix_str(_running_tau(log, bench, done, runner.drafters))
@@ -389,10 +394,10 @@ def evaluate(target, drafters: dict, benches: list[str], *, samples: int | Mappi
         if any(log.get(b, i, m, n) is None for b, i in ids for m, n in methods):
             runner.warmup(apply_chat_template(target.tokenizer, prompts[benches[0]][0].messages, thinking=thinking))
         for bench in benches:
-            _run_benchmark(runner, log, bench, prompts[bench], thinking, progress)
+            _run_benchmark(runner, log, bench, prompts[bench], thinking, progress, max_prompt_tokens)
     finally:
         log.close()
-    records = [log.get(b, i, m, n) for b, i in ids for m, n in methods]
+    records = [r for b, i in ids for m, n in methods if (r := log.get(b, i, m, n)) is not None]  # turns cut short: none
     results = {"config": {**settings, "samples": counts if per_bench else samples,
                           "benchmarks": list(benches), "drafters": sizes, "preset": preset,
                           "draft_vocab": {n: None if d.draft_vocab is None else len(d.draft_vocab)

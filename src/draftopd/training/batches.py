@@ -18,6 +18,8 @@ class Sequence:
     index: int  # position in the dataset (keys the feature cache)
     ids: torch.Tensor  # [L] prompt + response
     prompt_len: int
+    conversation: str = ""  # a later turn's first turn's id (its prompt holds that turn's answer)
+    later_turn: bool = False
 
 
 @dataclass
@@ -38,7 +40,8 @@ def build_sequences(rollouts: list[Rollout], max_length: int, first_index: int =
         ids = (list(r.prompt_ids) + list(r.response_ids))[:max_length]
         if len(ids) - len(r.prompt_ids) < 2:  # need an anchor and one label inside the response
             continue
-        seqs.append(Sequence(first_index + len(seqs), torch.tensor(ids, dtype=torch.long), len(r.prompt_ids)))
+        seqs.append(Sequence(first_index + len(seqs), torch.tensor(ids, dtype=torch.long), len(r.prompt_ids),
+                             r.meta.get("conversation", r.id), r.meta.get("turn", 1) > 1))
     if not seqs:
         raise DraftOPDError(f"no usable rollouts: every response is empty or shorter than 2 tokens "
                             f"(or prompts exceed data.max_length={max_length})")
@@ -46,15 +49,17 @@ def build_sequences(rollouts: list[Rollout], max_length: int, first_index: int =
 
 
 def split_heldout(seqs: list[Sequence], fraction: float, seed: int) -> tuple[list[Sequence], list[Sequence]]:
-    """A fixed held-out share for offline tau; the rest trains."""
+    """A fixed held-out share for offline tau; the rest trains. A later turn goes where its
+    conversation's first turn went: its prompt holds that turn's answer."""
     if fraction <= 0:
         return seqs, []
     order = torch.randperm(len(seqs), generator=stream(seed, "heldout")).tolist()
     k = max(1, int(len(seqs) * fraction))
-    held = sorted(order[:k])
-    held_set = set(held)
-    train = [s for i, s in enumerate(seqs) if i not in held_set]
-    return train, [seqs[i] for i in held]
+    drawn = set(order[:k])
+    first_held = {s.conversation: i in drawn for i, s in enumerate(seqs) if not s.later_turn}
+    held = {i for i, s in enumerate(seqs) if first_held.get(s.conversation, i in drawn)}
+    train = [s for i, s in enumerate(seqs) if i not in held]
+    return train, [seqs[i] for i in sorted(held)]
 
 
 def training_split(rollout_sets: dict[str, list[Rollout]], max_length: int, fraction: float,

@@ -55,12 +55,15 @@ MAX_REST = 8
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
     """One draft layer reads the middle target layer; more read layers spread over 1..L-3 (the
-    reference's rule; targets of under 4 layers, which it sends out of range, use their last)."""
+    reference's rule). Where that rule leaves the target's layers (targets of under 3 layers),
+    they spread over the layers there are."""
     if num_draft_layers == 1:
         return [num_target_layers // 2]
-    start = min(1, num_target_layers - 1)
-    end = max(num_target_layers - 3, start)
-    return [round(start + i * (end - start) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
+    start, end = 1, num_target_layers - 3
+    ids = [round(start + i * (end - start) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
+    if all(0 <= i < num_target_layers for i in ids):
+        return ids
+    return [round(i * (num_target_layers - 1) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
 
 
 def context_features(hidden_states, layer_ids: list[int]) -> torch.Tensor:
