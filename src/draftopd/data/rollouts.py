@@ -70,6 +70,10 @@ class RolloutSettings:
         if not 0 < self.top_p <= 1:
             raise DraftOPDError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    def fits(self, prompt_tokens: int) -> bool:
+        """Whether a chat-templated prompt of this length gets a rollout."""
+        return self.min_prompt_tokens <= prompt_tokens <= self.max_prompt_tokens
+
 
 def generate_rollouts(target: Target, prompts: list[Prompt], out_dir, settings: RolloutSettings, *,
                       prompt_spec: str = "", progress: bool = True, max_seconds: float | None = None) -> Path:
@@ -117,7 +121,7 @@ def prompt_token_ids(tokenizer, prompts: list[Prompt], settings: RolloutSettings
         if p.id in prompt_ids:
             raise DraftOPDError(f"prompt id {p.id!r} occurs twice; rollouts are keyed by prompt id")
         ids = apply_chat_template(tokenizer, p.messages, thinking=settings.thinking)
-        if settings.min_prompt_tokens <= len(ids) <= settings.max_prompt_tokens:
+        if settings.fits(len(ids)):
             prompt_ids[p.id] = ids
     if not prompt_ids:
         raise DraftOPDError(f"none of the {len(prompts)} prompts is {settings.min_prompt_tokens}-"
@@ -152,8 +156,7 @@ def later_turn_prompts(prompts: list[Prompt], records: dict[str, Rollout], token
         q = Prompt(id=f"{conversation}:turn{turn}", messages=next_turn(tokenizer, p.messages, answer.response_ids,
                                                                         p.turns[turn - 1]),
                    source=p.source, turns=p.turns, meta={**p.meta, "conversation": conversation, "turn": turn})
-        n = len(apply_chat_template(tokenizer, q.messages, thinking=settings.thinking))
-        if settings.min_prompt_tokens <= n <= settings.max_prompt_tokens:
+        if settings.fits(len(apply_chat_template(tokenizer, q.messages, thinking=settings.thinking))):
             later.append(q)
     return later
 
