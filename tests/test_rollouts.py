@@ -8,7 +8,7 @@ import pytest
 
 from draftopd.cli.main import main
 from draftopd.data.prompts import apply_chat_template, load_prompts
-from draftopd.data.rollouts import (FORMAT, Rollout, RolloutSettings, generate_rollouts, load_rollouts,
+from draftopd.data.rollouts import (FORMAT, RECORDS, Rollout, RolloutSettings, generate_rollouts, load_rollouts,
                                     read_records, write_rollouts)
 from draftopd.errors import DraftOPDError
 
@@ -190,7 +190,8 @@ def test_prompt_length_bounds_pick_a_band_and_old_runs_resume(smollm, prompts, r
 
 def test_later_turns_follow_the_targets_own_answers(smollm, tmp_path, capsys, monkeypatch):
     """--turns 2: each MT-Bench conversation's second question is asked after the target's own first
-    answer, templated as the evaluation puts it; a kill in round 2 resumes to the same records."""
+    answer, templated as the evaluation puts it; a kill in round 2 resumes to the same records, and so
+    does a rerun with --turns 2 into a directory of first turns."""
     spec = "mt-bench[:3]"
     args = ["rollout", "--target", "smollm2-135m", "--prompts", spec, "--max-new-tokens", "4", "--dtype", "fp32",
             "--batch-size", "2", "--turns", "2"]
@@ -224,6 +225,17 @@ def test_later_turns_follow_the_targets_own_answers(smollm, tmp_path, capsys, mo
     monkeypatch.setattr(smollm.model, "generate", generate)
     assert main(args + ["--out", str(killed)]) == 0
     assert {r.id: r.response_ids for r in read_records(killed)} == {i: r.response_ids for i, r in records.items()}
+
+    grown = tmp_path / "grown"  # first turns, then a rerun with --turns 2 adds the second turns to them
+    one = args[:-2]  # without "--turns 2"
+    assert main(one + ["--out", str(grown)]) == 0
+    first = (grown / RECORDS).read_bytes()
+    assert main(args + ["--out", str(grown)]) == 0
+    assert "6 (3 new, 3 of them later turns)" in capsys.readouterr().out
+    assert (grown / RECORDS).read_bytes().startswith(first)  # the first answers stay as written
+    assert {r.id: r.response_ids for r in read_records(grown)} == {i: r.response_ids for i, r in records.items()}
+    assert main(one + ["--out", str(grown)]) == 0  # the first command again: nothing to do, the rounds recorded
+    assert json.loads((grown / "meta.json").read_text())["settings"]["turns"] == 2
 
     capsys.readouterr()
     rc = main(["rollout", "--target", "smollm2-135m", "--prompts", spec, "--out", str(tmp_path / "v"),

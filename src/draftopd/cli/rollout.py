@@ -33,7 +33,8 @@ def register(sub) -> None:
     s.add_argument("--turns", type=int, default=1,
                    help="user turns answered per multi-turn conversation (MT-Bench; ShareGPT, cut to its first "
                         "two): turn t is asked after the target's own answers to the turns before, as in MT-Bench. "
-                        "Later turns get ids '<id>:turn<t>'; with --backend hf or --engine-url (default %(default)s)")
+                        "Later turns get ids '<id>:turn<t>'; with --backend hf or --engine-url. Rerun into a "
+                        "directory with a larger --turns to add later turns to its first answers (default %(default)s)")
     s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="chat template thinking switch for targets that have one (Qwen3)")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",

@@ -46,7 +46,8 @@ class Rollout:
 
 @dataclass
 class RolloutSettings:
-    """Everything besides the target that shapes the responses; a resumed run must match it."""
+    """Everything besides the target that shapes the responses; a resumed run must match it
+    (but for `turns`: a rerun with more answers the later turns of the conversations there)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
@@ -333,6 +334,8 @@ def _start_or_resume(out: Path, meta: dict) -> set[str]:
     old = read_meta(out)
     for key in ("target", "dtype", "prompts", "settings"):
         a, b = old.get(key), meta[key]
+        if key == "settings":  # more or fewer rounds change no response: a directory may gain later turns
+            a, b = {**a, "turns": None}, {**b, "turns": None}
         if a != b:
             name = key
             if isinstance(a, dict) and isinstance(b, dict):
@@ -340,6 +343,8 @@ def _start_or_resume(out: Path, meta: dict) -> set[str]:
                 name, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
             raise DraftOPDError(f"{out} holds rollouts made with {name}={a!r}, but this run has {name}={b!r}; "
                                 "rerun with the original arguments to resume, or write to a new directory")
+    if meta["settings"]["turns"] > old["settings"]["turns"]:  # meta says how many rounds were asked for
+        write_json_atomic(out / META, {**old, "settings": {**old["settings"], "turns": meta["settings"]["turns"]}})
     path = out / RECORDS
     if path.exists():
         with open(path, "rb+") as f:
