@@ -230,6 +230,7 @@ def test_later_turns_follow_the_targets_own_answers(smollm, tmp_path, capsys, mo
     one = args[:-2]  # without "--turns 2"
     assert main(one + ["--out", str(grown)]) == 0
     first = (grown / RECORDS).read_bytes()
+    capsys.readouterr()
     assert main(args + ["--out", str(grown)]) == 0
     assert "6 (3 new, 3 of them later turns)" in capsys.readouterr().out
     assert (grown / RECORDS).read_bytes().startswith(first)  # the first answers stay as written

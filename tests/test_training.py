@@ -200,6 +200,8 @@ def test_several_rollout_directories_train_together_and_keep_each_held_out_share
     held_ids = {s.conversation for s in t_held if not s.later_turn}
     assert held_ids and {s.conversation for s in t_held if s.later_turn} == held_ids
     assert not held_ids & {s.conversation for s in t_train}
+    # drawn among first turns: the set without its second turns (before `rollout --turns 2` grew it) split alike
+    assert held_ids == {s.conversation for s in split_heldout(build_sequences(second, 64), 0.25, seed=3)[1]}
 
     more = tmp_path / "more-rollouts"
     write_rollouts(more, json.loads((tiny_rollouts / "meta.json").read_text()), second[:6])

@@ -109,7 +109,7 @@ def cmd_rollout(args) -> None:
     total_tokens = sum(len(r.response_ids) for r in rollouts)
     first = {p.id for p in prompts}
     skipped = len(first) - sum(1 for r in rollouts if r.id in first)
-    later = sum(1 for r in rollouts if r.id not in first)
+    later = sum(1 for r in rollouts if r.id not in first and r.id not in before)
     print(f"rollouts: {len(rollouts)} ({len(rollouts) - len(before)} new"
           + (f", {later} of them later turns" if later else "")
           + (f", {skipped} prompts outside {settings.min_prompt_tokens}-{settings.max_prompt_tokens} tokens skipped"

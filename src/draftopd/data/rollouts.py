@@ -334,7 +334,7 @@ def _start_or_resume(out: Path, meta: dict) -> set[str]:
     old = read_meta(out)
     for key in ("target", "dtype", "prompts", "settings"):
         a, b = old.get(key), meta[key]
-        if key == "settings":  # more or fewer rounds change no response: a directory may gain later turns
+        if key == "settings" and isinstance(a, dict):  # rounds change no response: a directory may gain turns
             a, b = {**a, "turns": None}, {**b, "turns": None}
         if a != b:
             name = key

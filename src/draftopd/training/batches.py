@@ -49,15 +49,16 @@ def build_sequences(rollouts: list[Rollout], max_length: int, first_index: int =
 
 
 def split_heldout(seqs: list[Sequence], fraction: float, seed: int) -> tuple[list[Sequence], list[Sequence]]:
-    """A fixed held-out share for offline tau; the rest trains. A later turn goes where its
-    conversation's first turn went: its prompt holds that turn's answer."""
+    """A fixed held-out share for offline tau; the rest trains. It is drawn among first turns, and
+    a later turn goes where its conversation's first turn went (its prompt holds that turn's
+    answer), so a directory that gains later turns (`rollout --turns`) keeps its split."""
     if fraction <= 0:
         return seqs, []
-    order = torch.randperm(len(seqs), generator=stream(seed, "heldout")).tolist()
-    k = max(1, int(len(seqs) * fraction))
-    drawn = set(order[:k])
-    first_held = {s.conversation: i in drawn for i, s in enumerate(seqs) if not s.later_turn}
-    held = {i for i, s in enumerate(seqs) if first_held.get(s.conversation, i in drawn)}
+    firsts = [i for i, s in enumerate(seqs) if not s.later_turn]
+    order = torch.randperm(len(firsts), generator=stream(seed, "heldout")).tolist()
+    drawn = {firsts[j] for j in order[:max(1, int(len(firsts) * fraction))]}
+    held_conversations = {seqs[i].conversation for i in drawn}
+    held = {i for i, s in enumerate(seqs) if s.conversation in held_conversations}
     train = [s for i, s in enumerate(seqs) if i not in held]
     return train, [seqs[i] for i in sorted(held)]
 
