@@ -25,7 +25,7 @@ import torch
 from draftopd.data.rollouts import load_rollouts
 from draftopd.decoding.speculative import draft_tree, tree_accept
 from draftopd.errors import DraftOPDError
-from draftopd.evaluation.bench import TokenSequence
+from draftopd.evaluation.bench import TokenSequence, check_drafter
 from draftopd.evaluation.metrics import tau_ratio
 from draftopd.model.checkpoint import load_drafter
 from draftopd.model.precision import hardware_record
@@ -51,10 +51,13 @@ def tree_walk(text: dict, nodes: int) -> tuple[int, int]:
     return tokens, steps
 
 
-def task_of(rollout_id: str) -> str:
-    """'gsm8k', 'mt-bench', or 'mt-bench turn 2' for a later turn ('<id>:turn2')."""
-    head, _, turn = rollout_id.partition(":turn")
-    return head.split(":")[0] + (f" turn {turn}" if turn else "")
+def task_of(rollout) -> str:
+    """'gsm8k', 'mt-bench', or 'mt-bench turn 2' for a later turn: the prompt set the rollout
+    recorded, else its id's ('<set>:<n>' or '<set>:<n>:turn<t>')."""
+    head, _, turn = rollout.id.partition(":turn")
+    source = rollout.meta.get("source") or head.rsplit(":", 1)[0]
+    turn = rollout.meta.get("turn") or int(turn or 1)
+    return source + (f" turn {turn}" if turn > 1 else "")
 
 
 def main() -> None:
@@ -82,13 +85,18 @@ def main() -> None:
         print(f"note: {args.rollouts} was decoded in {meta['dtype']}; walks run in fp32, so tau is "
               "close to, not exactly, what decoding gives")
     target = load_target(args.target, dtype="fp32")
+    if meta["target"] != target.identity:
+        raise DraftOPDError(f"{args.rollouts} holds rollouts of target {meta['target'].get('name')!r}, "
+                            f"not of --target {target.name!r}")
+    drafts = [load_drafter(path, dtype=target.dtype) for path in args.draft]  # all checked before any walk
+    for draft, path in zip(drafts, args.draft):
+        check_drafter(draft, target, path)
     sequences = [TokenSequence(torch.tensor(r.prompt_ids + r.response_ids), len(r.prompt_ids)) for r in held]
-    tasks = [task_of(r.id) for r in held]
+    tasks = [task_of(r) for r in held]
     hw = hardware_record(target.dtype, target.device)
     print(f"{len(held)} held-out texts from {args.rollouts}; fp32 walks on {hw.get('cpu_capability') or hw.get('gpu')}")
     counts = {}  # (drafter's index, size) -> [(tokens, steps)] per text
-    for j, path in enumerate(args.draft):
-        draft = load_drafter(path, dtype=target.dtype)
+    for j, draft in enumerate(drafts):
         table = anchor_table(draft, target.model, sequences)
         for n in sizes:
             counts[j, n] = [tree_walk(text, n) for text in table]
@@ -100,8 +108,8 @@ def main() -> None:
                 per[task].append(i)
                 per["all"].append(i)
             c = counts[j, n]
-            print(f"  {path}: " + " | ".join(f"{k} {sum(c[i][0] for i in v) / sum(c[i][1] for i in v):.3f}"
-                                            for k, v in sorted(per.items())))
+            taus = [(k, sum(c[i][0] for i in v) / max(1, sum(c[i][1] for i in v))) for k, v in sorted(per.items())]
+            print(f"  {path}: " + " | ".join(f"{k} {tau:.3f}" for k, tau in taus))
             if j:
                 ratios = [(k, *tau_ratio([c[i] for i in v], [counts[0, n][i] for i in v]))
                           for k, v in sorted(per.items())]

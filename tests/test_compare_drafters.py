@@ -10,6 +10,7 @@ import torch
 
 from helpers import tiny_drafter
 from draftopd.data.prompts import apply_chat_template
+from draftopd.data.rollouts import Rollout
 from draftopd.evaluation.bench import TokenSequence
 from draftopd.model.checkpoint import load_drafter, save_drafter
 from draftopd.model.target import load_target
@@ -45,7 +46,9 @@ def test_chain_walk_is_the_exact_walk_of_the_shipped_drafter(compare, smollm):
         for text, seq in zip(table, sequences):
             tokens, steps = compare.tree_walk(text, nodes)
             assert tokens == len(seq.ids) - 1 - seq.prompt_len and steps <= tokens <= steps * draft.block_size
-    assert compare.task_of("mt-bench:81:turn2") == "mt-bench turn 2" and compare.task_of("gsm8k:3") == "gsm8k"
+    assert compare.task_of(Rollout("mt-bench:81:turn2", [1], [2], "stop")) == "mt-bench turn 2"
+    assert compare.task_of(Rollout("hf:openai/gsm8k:main:test:3", [1], [2], "stop")) == "hf:openai/gsm8k:main:test"
+    assert compare.task_of(Rollout("x:4", [1], [2], "stop", {"source": "gsm8k", "turn": 1})) == "gsm8k"
 
 
 def test_report_pairs_each_drafter_with_the_first(compare, tiny_dir, tiny_rollouts, tmp_path, capsys, monkeypatch):
