@@ -100,19 +100,19 @@ def main() -> None:
         table = anchor_table(draft, target.model, sequences)
         for n in sizes:
             counts[j, n] = [tree_walk(text, n) for text in table]
+    per = defaultdict(list)  # task -> indices of its texts
+    for i, task in enumerate(tasks):
+        per[task].append(i)
+        per["all"].append(i)
+    groups = sorted(per.items())
     for n in sizes:
         print(f"\n{'chain, whole blocks' if not n else f'tree, {n} tokens'}:")
         for j, path in enumerate(args.draft):
-            per = defaultdict(list)  # task -> indices of its texts
-            for i, task in enumerate(tasks):
-                per[task].append(i)
-                per["all"].append(i)
             c = counts[j, n]
-            taus = [(k, sum(c[i][0] for i in v) / max(1, sum(c[i][1] for i in v))) for k, v in sorted(per.items())]
+            taus = [(k, sum(c[i][0] for i in v) / max(1, sum(c[i][1] for i in v))) for k, v in groups]
             print(f"  {path}: " + " | ".join(f"{k} {tau:.3f}" for k, tau in taus))
             if j:
-                ratios = [(k, *tau_ratio([c[i] for i in v], [counts[0, n][i] for i in v]))
-                          for k, v in sorted(per.items())]
+                ratios = [(k, *tau_ratio([c[i] for i in v], [counts[0, n][i] for i in v])) for k, v in groups]
                 print("    / first: " + " | ".join(f"{k} {r:.3f} ({lo:.3f}-{hi:.3f})" for k, r, lo, hi in ratios))
 
 
