@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-from draftopd.data.rollouts import load_rollouts
+from draftopd.data.rollouts import check_rollout_target, load_rollouts
 from draftopd.decoding.speculative import draft_tree, tree_accept
 from draftopd.errors import DraftOPDError
 from draftopd.evaluation.bench import TokenSequence, check_drafter
@@ -30,6 +30,7 @@ from draftopd.evaluation.metrics import tau_ratio
 from draftopd.model.checkpoint import load_drafter
 from draftopd.model.precision import hardware_record
 from draftopd.model.target import load_target
+from draftopd.training.opd import rollout_temperature
 from verify_policy import anchor_table
 
 
@@ -77,7 +78,7 @@ def main() -> None:
     if any(n < 2 for n in sizes[1:]):
         ap.error(f"--trees {args.trees!r}: a tree holds the anchor and at least one draft (>= 2 tokens)")
     meta, held = load_rollouts(args.rollouts)  # before the target loads: a wrong path fails at once
-    temperature = meta.get("settings", {}).get("temperature", 0.0)
+    temperature = rollout_temperature(meta)
     if temperature > 0:
         raise DraftOPDError(f"{args.rollouts}: sampled at temperature {temperature}; "
                             "the walks need greedy target text (rollout --temperature 0)")
@@ -85,9 +86,7 @@ def main() -> None:
         print(f"note: {args.rollouts} was decoded in {meta['dtype']}; walks run in fp32, so tau is "
               "close to, not exactly, what decoding gives")
     target = load_target(args.target, dtype="fp32")
-    if meta["target"] != target.identity:
-        raise DraftOPDError(f"{args.rollouts} holds rollouts of target {meta['target'].get('name')!r}, "
-                            f"not of --target {target.name!r}")
+    check_rollout_target(args.rollouts, meta, target.identity)
     drafts = [load_drafter(path, dtype=target.dtype) for path in args.draft]  # all checked before any walk
     for draft, path in zip(drafts, args.draft):
         check_drafter(draft, target, path)

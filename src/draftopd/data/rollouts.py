@@ -179,17 +179,23 @@ def load_rollouts(out_dir, *, expect_target: dict | None = None) -> tuple[dict, 
     training a drafter on another target's responses. A last line cut short by a kill is ignored."""
     out = Path(out_dir)
     meta = read_meta(out)
-    if expect_target is not None and meta["target"] != expect_target:
-        made = meta["target"]
-        key = _first_difference(made, expect_target)
-        detail = "" if key == "name" else f" ({key} {made.get(key)!r} vs {expect_target.get(key)!r})"
-        raise DraftOPDError(f"rollouts {out} were made by target {made.get('name')!r}, "
-                            f"not {expect_target.get('name')!r}{detail}")
+    if expect_target is not None:
+        check_rollout_target(out, meta, expect_target)
     rollouts = read_records(out, vocab_size=meta["target"].get("vocab_size"))
     if not rollouts:
         raise DraftOPDError(f"rollouts {out} hold no rollouts yet ({out / RECORDS} is empty or missing); "
                             "rerun `draftopd rollout` to make them")
     return meta, rollouts
+
+
+def check_rollout_target(out, meta: dict, identity: dict) -> None:
+    """Refuse rollouts (meta of directory `out`) that another target wrote, naming the first difference."""
+    made = meta["target"]
+    if made != identity:
+        key = _first_difference(made, identity)
+        detail = "" if key == "name" else f" ({key} {made.get(key)!r} vs {identity.get(key)!r})"
+        raise DraftOPDError(f"rollouts {out} were made by target {made.get('name')!r}, "
+                            f"not {identity.get('name')!r}{detail}")
 
 
 def rollout_meta(identity: dict, dtype: str, settings: RolloutSettings, prompt_spec: str, **extra) -> dict:
